@@ -1,0 +1,256 @@
+//! ResNet backbone (He et al., 2016) returning C3, C4 and C5, as torchvision's
+//! `backbone.body` (`IntermediateLayerGetter` over layer2…layer4).
+//!
+//! Batch norm is frozen: each `bn` becomes a per-channel scale and shift computed once from
+//! the checkpoint's four buffers, as torchvision's `FrozenBatchNorm2d` does.
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{conv2d_no_bias, Conv2d, Conv2dConfig, VarBuilder};
+
+/// Residual block type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BlockKind {
+    /// Two 3×3 convolutions (ResNet-18/34).
+    Basic,
+    /// 1×1, 3×3, 1×1 convolutions with 4× expansion (ResNet-50/101/152).
+    Bottleneck,
+}
+
+impl BlockKind {
+    /// Output channels of a block over `planes`.
+    pub fn expansion(self) -> usize {
+        match self {
+            BlockKind::Basic => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+}
+
+/// ResNet architecture: block type and number of blocks in layer1…layer4.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResNetConfig {
+    /// Block type.
+    pub block: BlockKind,
+    /// Blocks per stage.
+    pub layers: [usize; 4],
+}
+
+impl ResNetConfig {
+    /// The standard configuration for a depth of 18, 34, 50, 101 or 152.
+    pub fn from_depth(depth: usize) -> Option<Self> {
+        let (block, layers) = match depth {
+            18 => (BlockKind::Basic, [2, 2, 2, 2]),
+            34 => (BlockKind::Basic, [3, 4, 6, 3]),
+            50 => (BlockKind::Bottleneck, [3, 4, 6, 3]),
+            101 => (BlockKind::Bottleneck, [3, 4, 23, 3]),
+            152 => (BlockKind::Bottleneck, [3, 8, 36, 3]),
+            _ => return None,
+        };
+        Some(Self { block, layers })
+    }
+
+    /// The standard depth this configuration corresponds to, if any.
+    pub fn depth(&self) -> Option<usize> {
+        [18, 34, 50, 101, 152]
+            .into_iter()
+            .find(|&d| Self::from_depth(d).as_ref() == Some(self))
+    }
+
+    /// Channels of C3, C4 and C5.
+    pub fn out_channels(&self) -> [usize; 3] {
+        let e = self.block.expansion();
+        [128 * e, 256 * e, 512 * e]
+    }
+}
+
+/// Frozen batch norm: `y = x · scale + shift` with per-channel constants.
+#[derive(Debug, Clone)]
+pub struct FrozenBatchNorm2d {
+    scale: Tensor,
+    shift: Tensor,
+}
+
+impl FrozenBatchNorm2d {
+    /// Reads `weight`, `bias`, `running_mean`, `running_var` and folds them with `eps`.
+    pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get(channels, "weight")?;
+        let bias = vb.get(channels, "bias")?;
+        let mean = vb.get(channels, "running_mean")?;
+        let var = vb.get(channels, "running_var")?;
+        // As torchvision: scale = w · (var + eps)^-½, shift = b − mean · scale.
+        let scale = (weight * (var + eps)?.sqrt()?.recip()?)?;
+        let shift = (bias - (mean * &scale)?)?;
+        Ok(Self {
+            scale: scale.reshape((1, channels, 1, 1))?,
+            shift: shift.reshape((1, channels, 1, 1))?,
+        })
+    }
+}
+
+impl Module for FrozenBatchNorm2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
+    }
+}
+
+fn conv(cin: usize, cout: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
+    let cfg = Conv2dConfig {
+        padding: k / 2,
+        stride,
+        ..Default::default()
+    };
+    conv2d_no_bias(cin, cout, k, cfg, vb)
+}
+
+/// A 1×1 projection shortcut (`downsample.0` conv, `downsample.1` norm).
+#[derive(Debug, Clone)]
+struct Downsample {
+    conv: Conv2d,
+    bn: FrozenBatchNorm2d,
+}
+
+impl Downsample {
+    fn new(cin: usize, cout: usize, stride: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            conv: conv(cin, cout, 1, stride, vb.pp("0"))?,
+            bn: FrozenBatchNorm2d::new(cout, eps, vb.pp("1"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.bn.forward(&self.conv.forward(x)?)
+    }
+}
+
+/// One residual block; the stride sits on the 3×3 convolution (ResNet v1.5, as torchvision).
+#[derive(Debug, Clone)]
+struct Block {
+    convs: Vec<(Conv2d, FrozenBatchNorm2d)>,
+    downsample: Option<Downsample>,
+}
+
+impl Block {
+    fn new(
+        kind: BlockKind,
+        cin: usize,
+        planes: usize,
+        stride: usize,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let cout = planes * kind.expansion();
+        // (in, out, kernel, stride) of conv1, conv2[, conv3].
+        let shapes = match kind {
+            BlockKind::Basic => vec![(cin, planes, 3, stride), (planes, planes, 3, 1)],
+            BlockKind::Bottleneck => vec![
+                (cin, planes, 1, 1),
+                (planes, planes, 3, stride),
+                (planes, cout, 1, 1),
+            ],
+        };
+        let convs = shapes
+            .into_iter()
+            .enumerate()
+            .map(|(i, (ci, co, k, s))| {
+                Ok((
+                    conv(ci, co, k, s, vb.pp(format!("conv{}", i + 1)))?,
+                    FrozenBatchNorm2d::new(co, eps, vb.pp(format!("bn{}", i + 1)))?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let downsample = if stride != 1 || cin != cout {
+            Some(Downsample::new(
+                cin,
+                cout,
+                stride,
+                eps,
+                vb.pp("downsample"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self { convs, downsample })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let last = self.convs.len() - 1;
+        let mut y = x.clone();
+        for (i, (conv, bn)) in self.convs.iter().enumerate() {
+            y = bn.forward(&conv.forward(&y)?)?;
+            if i != last {
+                y = y.relu()?;
+            }
+        }
+        let identity = match &self.downsample {
+            Some(d) => d.forward(x)?,
+            None => x.clone(),
+        };
+        (y + identity)?.relu()
+    }
+}
+
+/// ResNet trunk under `backbone.body`.
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: FrozenBatchNorm2d,
+    layers: [Vec<Block>; 4],
+}
+
+impl ResNet {
+    /// Builds the trunk from `vb` (rooted at `backbone.body`).
+    pub fn new(cfg: &ResNetConfig, bn_eps: f64, vb: VarBuilder) -> Result<Self> {
+        let conv1 = conv2d_no_bias(
+            3,
+            64,
+            7,
+            Conv2dConfig {
+                padding: 3,
+                stride: 2,
+                ..Default::default()
+            },
+            vb.pp("conv1"),
+        )?;
+        let bn1 = FrozenBatchNorm2d::new(64, bn_eps, vb.pp("bn1"))?;
+        let mut cin = 64;
+        let mut stage = |i: usize| -> Result<Vec<Block>> {
+            let planes = 64 << i;
+            let vb = vb.pp(format!("layer{}", i + 1));
+            (0..cfg.layers[i])
+                .map(|j| {
+                    let stride = if j == 0 && i > 0 { 2 } else { 1 };
+                    let block = Block::new(cfg.block, cin, planes, stride, bn_eps, vb.pp(j))?;
+                    cin = planes * cfg.block.expansion();
+                    Ok(block)
+                })
+                .collect()
+        };
+        let layers = [stage(0)?, stage(1)?, stage(2)?, stage(3)?];
+        Ok(Self { conv1, bn1, layers })
+    }
+
+    /// Returns C3, C4, C5 (outputs of layer2, layer3, layer4) for an `(N, 3, H, W)` batch.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        let x = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
+        let mut x = max_pool_3x3_s2_p1(&x)?;
+        let mut out = Vec::with_capacity(3);
+        for (i, layer) in self.layers.iter().enumerate() {
+            for block in layer {
+                x = block.forward(&x)?;
+            }
+            if i > 0 {
+                out.push(x.clone());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `MaxPool2d(3, stride 2, padding 1)`. Candle's pool has no padding: replicate-padding
+/// gives the same maxima as PyTorch's implicit −∞ padding.
+fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    let x = x
+        .pad_with_same(D::Minus1, 1, 1)?
+        .pad_with_same(D::Minus2, 1, 1)?;
+    x.max_pool2d_with_stride(3, 2)
+}

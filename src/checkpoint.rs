@@ -1,0 +1,481 @@
+//! Reading torchvision checkpoints: `.safetensors` (memory-mapped) and zip-format `.pth`.
+//!
+//! Tensor names are normalised to torchvision's current layout (pre-0.13 head and FPN keys,
+//! a `module.` prefix and `num_batches_tracked` buffers are accepted), the architecture is
+//! inferred from names and shapes, and the model is built through a [`VarBuilder`] backend
+//! that checks every shape and records which tensors were used, so missing, mis-shaped and
+//! unexpected tensors are reported by name.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{pickle::PthTensors, DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::backbone::{BlockKind, ResNetConfig};
+use crate::fpn::ExtraInput;
+use crate::model::RetinaNetConfig;
+use crate::postprocess::PostProcessConfig;
+use crate::transform::TransformConfig;
+use crate::{Error, Result};
+
+enum Store {
+    Safetensors(MmapedSafetensors),
+    Pth(PthTensors),
+}
+
+struct Inner {
+    path: PathBuf,
+    store: Store,
+    /// Canonical name → (name in the file, shape).
+    tensors: BTreeMap<String, (String, Vec<usize>)>,
+    metadata: HashMap<String, String>,
+}
+
+/// An opened checkpoint. Cheap to clone.
+#[derive(Clone)]
+pub struct Checkpoint {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("path", &self.inner.path)
+            .field("tensors", &self.inner.tensors.len())
+            .finish()
+    }
+}
+
+/// How to load a model; everything not set is read from the checkpoint or defaulted.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Architecture; `None` infers it from the checkpoint.
+    pub config: Option<RetinaNetConfig>,
+    /// Frozen batch-norm eps; `None` uses the checkpoint's metadata, else 0.0 for v1 (as
+    /// torchvision's COCO v1 weights need) and 1e-5 for v2.
+    pub bn_eps: Option<f64>,
+    /// Data type of weights and activations.
+    pub dtype: DType,
+    /// Image transform.
+    pub transform: TransformConfig,
+    /// Post-processing.
+    pub postprocess: PostProcessConfig,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            config: None,
+            bn_eps: None,
+            dtype: DType::F32,
+            transform: TransformConfig::default(),
+            postprocess: PostProcessConfig::default(),
+        }
+    }
+}
+
+/// torchvision's current name for a tensor stored under `name`, or `None` for buffers the
+/// model does not use.
+pub fn canonical_name(name: &str) -> Option<String> {
+    let name = name.strip_prefix("module.").unwrap_or(name);
+    if name.ends_with("num_batches_tracked") {
+        return None;
+    }
+    let parts: Vec<&str> = name.split('.').collect();
+    // Pre-0.13 FPN: backbone.fpn.{inner,layer}_blocks.{i}.{weight,bias}.
+    if let ["backbone", "fpn", blocks @ ("inner_blocks" | "layer_blocks"), i, leaf] = parts[..] {
+        return Some(format!("backbone.fpn.{blocks}.{i}.0.{leaf}"));
+    }
+    // Pre-0.13 heads: conv.{0,2,4,6}.{weight,bias} with ReLUs between.
+    if let ["head", head, "conv", j, leaf] = parts[..] {
+        if let Ok(j) = j.parse::<usize>() {
+            if j % 2 == 0 {
+                return Some(format!("head.{head}.conv.{}.0.{leaf}", j / 2));
+            }
+        }
+    }
+    Some(name.to_string())
+}
+
+impl Checkpoint {
+    /// Opens `.safetensors` or `.pth` (by extension; other names are tried as both).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if !path.is_file() {
+            return Err(Error::Checkpoint {
+                path,
+                message: "no such file".into(),
+            });
+        }
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let (store, raw) = match ext {
+            "safetensors" => open_safetensors(&path)?,
+            "pth" | "pt" | "bin" | "ckpt" => open_pth(&path)?,
+            _ => open_safetensors(&path).or_else(|_| open_pth(&path))?,
+        };
+        let metadata = match store {
+            Store::Safetensors(_) => read_safetensors_metadata(&path)?,
+            Store::Pth(_) => HashMap::new(),
+        };
+        let mut tensors = BTreeMap::new();
+        for (stored, shape) in raw {
+            if let Some(name) = canonical_name(&stored) {
+                tensors.insert(name, (stored, shape));
+            }
+        }
+        if tensors.is_empty() {
+            return Err(Error::Checkpoint {
+                path,
+                message: "holds no tensors".into(),
+            });
+        }
+        Ok(Self {
+            inner: Arc::new(Inner {
+                path,
+                store,
+                tensors,
+                metadata,
+            }),
+        })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Canonical tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.inner.tensors.keys().map(String::as_str)
+    }
+
+    /// Shape of a tensor by canonical name.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.inner.tensors.get(name).map(|(_, s)| s.as_slice())
+    }
+
+    /// safetensors `__metadata__` (empty for `.pth`).
+    pub fn metadata(&self) -> &HashMap<String, String> {
+        &self.inner.metadata
+    }
+
+    /// Class names from the metadata key `class_names` (a JSON array), if present.
+    pub fn class_names(&self) -> Result<Option<Vec<String>>> {
+        match self.metadata().get("class_names") {
+            None => Ok(None),
+            Some(s) => serde_json::from_str(s).map(Some).map_err(|e| {
+                self.err(format!(
+                    "metadata `class_names` is not a JSON array of strings: {e}"
+                ))
+            }),
+        }
+    }
+
+    fn err(&self, message: String) -> Error {
+        Error::Checkpoint {
+            path: self.inner.path.clone(),
+            message,
+        }
+    }
+
+    fn require_shape(&self, name: &str, rank: usize) -> Result<&[usize]> {
+        match self.shape(name) {
+            Some(s) if s.len() == rank => Ok(s),
+            Some(s) => Err(self.err(format!(
+                "tensor `{name}` has shape {s:?}, expected rank {rank}"
+            ))),
+            None => Err(self.err(format!(
+                "not a torchvision RetinaNet checkpoint: no tensor `{name}`"
+            ))),
+        }
+    }
+
+    /// Infers the architecture: ResNet depth from block counts, v1/v2 from the head's norm
+    /// layers and the P6 input channels, and the class count from `cls_logits`.
+    pub fn infer_config(&self) -> Result<RetinaNetConfig> {
+        let block = if self.shape("backbone.body.layer1.0.conv3.weight").is_some() {
+            BlockKind::Bottleneck
+        } else {
+            BlockKind::Basic
+        };
+        let mut layers = [0; 4];
+        for (l, count) in layers.iter_mut().enumerate() {
+            let prefix = format!("backbone.body.layer{}.", l + 1);
+            while self
+                .shape(&format!("{prefix}{count}.conv1.weight"))
+                .is_some()
+            {
+                *count += 1;
+            }
+            if *count == 0 {
+                return Err(self.err(format!(
+                    "not a torchvision ResNet backbone: no tensor `{prefix}0.conv1.weight`"
+                )));
+            }
+        }
+        let fpn_channels = self.require_shape("backbone.fpn.inner_blocks.0.0.weight", 4)?[0];
+        let p6_in = self.require_shape("backbone.fpn.extra_blocks.p6.weight", 4)?[1];
+        let extra_input = if p6_in == fpn_channels {
+            ExtraInput::P5
+        } else {
+            ExtraInput::C5
+        };
+        let reg_out = self.require_shape("head.regression_head.bbox_reg.weight", 4)?[0];
+        let cls_out = self.require_shape("head.classification_head.cls_logits.weight", 4)?[0];
+        let num_anchors = reg_out / 4;
+        if reg_out % 4 != 0 || num_anchors == 0 || cls_out % num_anchors != 0 {
+            return Err(self.err(format!(
+                "head shapes disagree: bbox_reg has {reg_out} outputs, cls_logits {cls_out}"
+            )));
+        }
+        let head_group_norm = self
+            .shape("head.classification_head.conv.0.1.weight")
+            .is_some();
+        let bn_eps = match self.metadata().get("bn_eps") {
+            Some(s) => s
+                .parse()
+                .map_err(|_| self.err(format!("metadata `bn_eps` is not a number: {s:?}")))?,
+            None if head_group_norm => 1e-5,
+            None => 0.0,
+        };
+        Ok(RetinaNetConfig {
+            backbone: ResNetConfig { block, layers },
+            num_classes: cls_out / num_anchors,
+            num_anchors,
+            fpn_channels,
+            extra_input,
+            head_group_norm,
+            bn_eps,
+        })
+    }
+
+    /// A [`VarBuilder`] over this checkpoint and the tracker of which tensors it served.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> (VarBuilder<'static>, Usage) {
+        let usage = Usage::default();
+        let backend = Backend {
+            ckpt: self.clone(),
+            usage: usage.clone(),
+        };
+        (
+            VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
+            usage,
+        )
+    }
+
+    fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let (stored, _) = &self.inner.tensors[name];
+        let t = match &self.inner.store {
+            Store::Safetensors(st) => st.load(stored, device)?,
+            Store::Pth(pth) => pth
+                .get(stored)?
+                .ok_or_else(|| self.err(format!("tensor `{stored}` vanished")))?
+                .to_device(device)?,
+        };
+        Ok(t)
+    }
+
+    /// Runs `build` against this checkpoint and checks that every tensor was used, turning
+    /// shape and name failures into errors that name the tensor.
+    pub fn build<T>(
+        &self,
+        dtype: DType,
+        device: &Device,
+        build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
+    ) -> Result<T> {
+        let (vb, usage) = self.var_builder(dtype, device);
+        let built = build(vb);
+        if let Some(e) = usage.take_error() {
+            return Err(e);
+        }
+        let model = built?;
+        let used = usage.used();
+        let unused: Vec<String> = self
+            .names()
+            .filter(|n| !used.contains(*n))
+            .map(|n| self.inner.tensors[n].0.clone())
+            .collect();
+        if !unused.is_empty() {
+            return Err(Error::UnexpectedTensors {
+                path: self.inner.path.clone(),
+                names: unused,
+            });
+        }
+        Ok(model)
+    }
+}
+
+/// Which tensors a [`Checkpoint`]'s `VarBuilder` served, and its first typed error.
+#[derive(Clone, Default)]
+pub struct Usage {
+    used: Arc<Mutex<HashSet<String>>>,
+    error: Arc<Mutex<Option<Error>>>,
+}
+
+impl Usage {
+    /// Canonical names served so far.
+    pub fn used(&self) -> HashSet<String> {
+        self.used.lock().map(|u| u.clone()).unwrap_or_default()
+    }
+
+    fn take_error(&self) -> Option<Error> {
+        self.error.lock().ok().and_then(|mut e| e.take())
+    }
+
+    fn fail(&self, e: Error) -> candle_core::Error {
+        let msg = candle_core::Error::Msg(e.to_string());
+        if let Ok(mut slot) = self.error.lock() {
+            slot.get_or_insert(e);
+        }
+        msg
+    }
+}
+
+struct Backend {
+    ckpt: Checkpoint,
+    usage: Usage,
+}
+
+impl SimpleBackend for Backend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let path = self.ckpt.inner.path.clone();
+        let Some(actual) = self.ckpt.shape(name) else {
+            return Err(self.usage.fail(Error::MissingTensor {
+                path,
+                name: name.to_string(),
+                expected: s.dims().to_vec(),
+            }));
+        };
+        if actual != s.dims() {
+            return Err(self.usage.fail(Error::ShapeMismatch {
+                path,
+                name: name.to_string(),
+                expected: s.dims().to_vec(),
+                actual: actual.to_vec(),
+            }));
+        }
+        if let Ok(mut used) = self.usage.used.lock() {
+            used.insert(name.to_string());
+        }
+        let t = self.ckpt.load(name, dev).map_err(|e| self.usage.fail(e))?;
+        t.to_dtype(dtype)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if let Ok(mut used) = self.usage.used.lock() {
+            used.insert(name.to_string());
+        }
+        self.ckpt
+            .load(name, dev)
+            .map_err(|e| self.usage.fail(e))?
+            .to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.ckpt.shape(name).is_some()
+    }
+}
+
+type RawList = Vec<(String, Vec<usize>)>;
+
+fn open_safetensors(path: &Path) -> Result<(Store, RawList)> {
+    // SAFETY: the file is mapped read-only; like every mmap reader we assume it is not
+    // truncated while in use.
+    let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("not a readable safetensors file: {e}"),
+    })?;
+    let raw = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.shape().to_vec()))
+        .collect();
+    Ok((Store::Safetensors(st), raw))
+}
+
+fn open_pth(path: &Path) -> Result<(Store, RawList)> {
+    let err = |message: String| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message,
+    };
+    // A bare state dict, or one nested under a usual key of training checkpoints.
+    let mut last_err = None;
+    for key in [None, Some("model"), Some("state_dict")] {
+        match PthTensors::new(path, key) {
+            Ok(pth) if !pth.tensor_infos().is_empty() => {
+                let raw = pth
+                    .tensor_infos()
+                    .iter()
+                    .map(|(n, info)| (n.clone(), info.layout.shape().dims().to_vec()))
+                    .collect();
+                return Ok((Store::Pth(pth), raw));
+            }
+            Ok(_) => {}
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(err(match last_err {
+        Some(e) => format!(
+            "not a readable zip-format .pth (PyTorch ≥ 1.6): {e}; convert it to safetensors \
+             or re-save it with torch.save"
+        ),
+        None => "no tensors found (looked at the top level, `model` and `state_dict`)".into(),
+    }))
+}
+
+/// Reads the `__metadata__` map of a safetensors header.
+fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    use std::io::Read;
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io)?;
+    let len = u64::from_le_bytes(len) as usize;
+    let mut header = vec![0u8; len];
+    f.read_exact(&mut header).map_err(io)?;
+    #[derive(serde::Deserialize)]
+    struct Header {
+        #[serde(rename = "__metadata__", default)]
+        metadata: HashMap<String, String>,
+    }
+    let h: Header = serde_json::from_slice(&header).map_err(|e| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: format!("bad safetensors header: {e}"),
+    })?;
+    Ok(h.metadata)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical_name;
+
+    #[test]
+    fn old_layouts_map_to_current_names() {
+        assert_eq!(
+            canonical_name("head.classification_head.conv.6.bias").unwrap(),
+            "head.classification_head.conv.3.0.bias"
+        );
+        assert_eq!(
+            canonical_name("backbone.fpn.inner_blocks.2.weight").unwrap(),
+            "backbone.fpn.inner_blocks.2.0.weight"
+        );
+        assert_eq!(
+            canonical_name("module.head.regression_head.conv.1.0.weight").unwrap(),
+            "head.regression_head.conv.1.0.weight"
+        );
+        assert!(canonical_name("backbone.body.bn1.num_batches_tracked").is_none());
+    }
+}

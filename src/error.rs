@@ -1,0 +1,82 @@
+//! Library errors. Every variant names its culprit: a file, a tensor, a shape.
+
+use std::path::PathBuf;
+
+/// Errors returned by this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tensor operation failed inside Candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// An image could not be decoded.
+    #[error("{path}: cannot read image: {source}")]
+    Image {
+        /// The image file.
+        path: PathBuf,
+        /// The decoder's error.
+        source: image::ImageError,
+    },
+
+    /// A checkpoint could not be opened or parsed.
+    #[error("{path}: {message}")]
+    Checkpoint {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
+
+    /// The model asked for a tensor the checkpoint does not hold.
+    #[error("{path}: missing tensor `{name}` (model expects shape {expected:?})")]
+    MissingTensor {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The tensor name (torchvision's naming).
+        name: String,
+        /// The shape the model expects.
+        expected: Vec<usize>,
+    },
+
+    /// A tensor has a different shape in the checkpoint than in the model.
+    #[error("{path}: tensor `{name}` has shape {actual:?} in the checkpoint, the model expects {expected:?}")]
+    ShapeMismatch {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// The tensor name.
+        name: String,
+        /// The shape the model expects.
+        expected: Vec<usize>,
+        /// The shape stored in the checkpoint.
+        actual: Vec<usize>,
+    },
+
+    /// The checkpoint holds tensors the model does not use.
+    #[error("{path}: {} unexpected tensor(s) for this architecture: {}", names.len(), names.join(", "))]
+    UnexpectedTensors {
+        /// The checkpoint file.
+        path: PathBuf,
+        /// Their names.
+        names: Vec<String>,
+    },
+
+    /// A configuration value or an input is invalid.
+    #[error("{0}")]
+    Invalid(String),
+
+    /// COCO evaluation failed.
+    #[error(transparent)]
+    Eval(#[from] crate::eval::EvalError),
+}
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,148 @@
+//! The classification and box-regression subnets, as torchvision's `RetinaNetHead`.
+//!
+//! Each subnet is 4 × (3×3 conv, [GroupNorm(32)], ReLU) followed by a 3×3 conv to A·K class
+//! logits or A·4 box deltas, shared across pyramid levels.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+
+/// One conv of a subnet's trunk: `conv.{i}.0` and, in v2, GroupNorm `conv.{i}.1`.
+#[derive(Debug, Clone)]
+struct ConvNormAct {
+    conv: Conv2d,
+    norm: Option<GroupNorm>,
+}
+
+impl ConvNormAct {
+    fn new(channels: usize, group_norm_: bool, vb: VarBuilder) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        // v2 convs carry no bias: the GroupNorm that follows has one.
+        let (conv, norm) = if group_norm_ {
+            let conv = conv2d_no_bias(channels, channels, 3, cfg, vb.pp("0"))?;
+            (conv, Some(group_norm(32, channels, 1e-5, vb.pp("1"))?))
+        } else {
+            (conv2d(channels, channels, 3, cfg, vb.pp("0"))?, None)
+        };
+        Ok(Self { conv, norm })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = self.conv.forward(x)?;
+        match &self.norm {
+            Some(norm) => norm.forward(&x)?.relu(),
+            None => x.relu(),
+        }
+    }
+}
+
+/// A subnet: trunk plus a final conv producing `outputs_per_anchor` values per anchor.
+#[derive(Debug, Clone)]
+struct Subnet {
+    trunk: Vec<ConvNormAct>,
+    out: Conv2d,
+    outputs_per_anchor: usize,
+}
+
+impl Subnet {
+    fn new(
+        channels: usize,
+        num_anchors: usize,
+        outputs_per_anchor: usize,
+        out_name: &str,
+        group_norm: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let trunk = (0..4)
+            .map(|i| ConvNormAct::new(channels, group_norm, vb.pp("conv").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let cfg = Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let out = conv2d(
+            channels,
+            num_anchors * outputs_per_anchor,
+            3,
+            cfg,
+            vb.pp(out_name),
+        )?;
+        Ok(Self {
+            trunk,
+            out,
+            outputs_per_anchor,
+        })
+    }
+
+    /// Runs one level and lays it out as `(N, H·W·A, outputs)`, location-major then anchor.
+    fn forward_level(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.clone();
+        for layer in &self.trunk {
+            y = layer.forward(&y)?;
+        }
+        let y = self.out.forward(&y)?;
+        let (n, _, h, w) = y.dims4()?;
+        let k = self.outputs_per_anchor;
+        // (N, A·K, H, W) → (N, A, K, H, W) → (N, H, W, A, K) → (N, H·W·A, K).
+        y.reshape((n, (), k, h, w))?
+            .permute((0, 3, 4, 1, 2))?
+            .reshape((n, (), k))
+    }
+
+    fn forward(&self, levels: &[Tensor]) -> Result<Tensor> {
+        let outs = levels
+            .iter()
+            .map(|x| self.forward_level(x))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&outs, 1)
+    }
+}
+
+/// Classification and regression subnets (`head.classification_head`, `head.regression_head`).
+#[derive(Debug, Clone)]
+pub struct RetinaNetHead {
+    classification: Subnet,
+    regression: Subnet,
+}
+
+impl RetinaNetHead {
+    /// Builds both subnets from `vb` (rooted at `head`).
+    pub fn new(
+        channels: usize,
+        num_anchors: usize,
+        num_classes: usize,
+        group_norm: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let classification = Subnet::new(
+            channels,
+            num_anchors,
+            num_classes,
+            "cls_logits",
+            group_norm,
+            vb.pp("classification_head"),
+        )?;
+        let regression = Subnet::new(
+            channels,
+            num_anchors,
+            4,
+            "bbox_reg",
+            group_norm,
+            vb.pp("regression_head"),
+        )?;
+        Ok(Self {
+            classification,
+            regression,
+        })
+    }
+
+    /// Class logits `(N, ΣHWA, K)` and box deltas `(N, ΣHWA, 4)` over all levels.
+    pub fn forward(&self, levels: &[Tensor]) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.classification.forward(levels)?,
+            self.regression.forward(levels)?,
+        ))
+    }
+}

@@ -1,0 +1,44 @@
+//! RetinaNet ("Focal Loss for Dense Object Detection", Lin et al., 2017) on Candle.
+//!
+//! Module and tensor names mirror torchvision's, so its checkpoints load unchanged and give
+//! its detections. The data flow reads top to bottom:
+//!
+//! image → [`transform`] → [`backbone`] (C3–C5) → [`fpn`] (P3–P7) → [`head`] →
+//! [`anchors`] + [`box_coder`] → [`postprocess`] → [`Detection`]s.
+//!
+//! [`model::RetinaNet`] ties the pieces together; [`checkpoint`] reads `.safetensors` and
+//! `.pth` files and infers the architecture from them.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), retinanet::Error> {
+//! let device = candle_core::Device::Cpu;
+//! let model = retinanet::RetinaNet::load("retinanet.safetensors", &device)?;
+//! let image = image::open("photo.jpg").map_err(|e| retinanet::Error::Image {
+//!     path: "photo.jpg".into(),
+//!     source: e,
+//! })?;
+//! for det in model.detect(&image.to_rgb8())? {
+//!     println!("{:?} {:.3} {}", det.bbox, det.score, det.label);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod anchors;
+pub mod backbone;
+pub mod box_coder;
+pub mod checkpoint;
+pub mod classes;
+pub mod error;
+pub mod eval;
+pub mod fpn;
+pub mod head;
+pub mod model;
+pub mod postprocess;
+pub mod transform;
+
+pub use checkpoint::{Checkpoint, LoadOptions};
+pub use error::{Error, Result};
+pub use model::{RawOutput, RetinaNet, RetinaNetConfig};
+pub use postprocess::{Detection, PostProcessConfig};
+pub use transform::TransformConfig;
