@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Runs the whole test suite from a fresh clone: creates the pinned Python environment (cached
+# outside the clone), generates the torchvision / pycocotools reference fixtures, then runs
+# `cargo test --release`. Extra arguments go to cargo test.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py="$(bash scripts/venv.sh)"
+fixtures="${RETINANET_FIXTURES:-$PWD/target/fixtures}"
+export RETINANET_FIXTURES="$fixtures"
+
+# Regenerate a fixture set only when its script or the pinned requirements changed.
+make_fixtures() {
+  local script="$1" out="$fixtures/$2"
+  local stamp
+  stamp="$(cat "scripts/$script" scripts/requirements.txt | sha256sum | cut -c1-16)"
+  if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    echo "generating $out with scripts/$script" >&2
+    rm -rf "$out"
+    "$py" "scripts/$script" "$out"
+    echo "$stamp" > "$out/.stamp"
+  fi
+}
+make_fixtures make_parity_fixtures.py parity
+if [ -f scripts/make_eval_fixtures.py ]; then
+  make_fixtures make_eval_fixtures.py eval
+fi
+
+cargo test --release "$@"
