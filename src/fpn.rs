@@ -73,8 +73,7 @@ impl Fpn {
         for i in (0..n - 1).rev() {
             let lateral = self.inner_blocks[i].forward(&c[i])?;
             let (_, _, h, w) = lateral.dims4()?;
-            // Nearest upsampling to the lateral's exact size, as torchvision.
-            last_inner = (lateral + last_inner.upsample_nearest2d(h, w)?)?;
+            last_inner = (lateral + upsample_nearest(&last_inner, h, w)?)?;
             p.insert(0, self.layer_blocks[i].forward(&last_inner)?);
         }
         let p6_input = match self.extra_input {
@@ -87,5 +86,46 @@ impl Fpn {
         p.push(p6);
         p.push(p7);
         Ok(p)
+    }
+}
+
+/// Nearest upsampling to `(h, w)`, as torchvision's `F.interpolate(size=…)`. An exact 2×
+/// (always the case for batches padded to a multiple of 32) is written as reshape and
+/// broadcast: the same values, and correct gradients, whereas Candle's
+/// `upsample_nearest2d` backward overwrites the gradient already accumulated for its input.
+pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+    let (n, c, xh, xw) = x.dims4()?;
+    if (h, w) == (2 * xh, 2 * xw) {
+        x.reshape((n, c, xh, 1, xw, 1))?
+            .broadcast_as((n, c, xh, 2, xw, 2))?
+            .reshape((n, c, h, w))
+    } else {
+        x.upsample_nearest2d(h, w)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upsample_nearest;
+    use candle_core::{Device, Tensor, Var};
+
+    #[test]
+    fn upsample_2x_matches_candle_and_accumulates_gradients() {
+        let x = Var::from_tensor(
+            &Tensor::arange(0f32, 12.0, &Device::Cpu)
+                .unwrap()
+                .reshape((1, 2, 2, 3))
+                .unwrap(),
+        )
+        .unwrap();
+        let ours = upsample_nearest(x.as_tensor(), 4, 6).unwrap();
+        let theirs = x.as_tensor().upsample_nearest2d(4, 6).unwrap();
+        let diff = (&ours - &theirs).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+        // x is used twice: the gradient must be 1 (direct) + 4 (four copies) per element.
+        let loss = (ours.sum_all().unwrap() + x.as_tensor().sum_all().unwrap()).unwrap();
+        let grads = loss.backward().unwrap();
+        let g = grads.get(x.as_tensor()).unwrap().flatten_all().unwrap();
+        assert!(g.to_vec1::<f32>().unwrap().iter().all(|&v| v == 5.0));
     }
 }
