@@ -35,7 +35,7 @@ fn main() -> Result<()> {
     let image = image::open(&args.image)
         .with_context(|| format!("cannot read {}", args.image.display()))?
         .to_rgb8();
-    let mut detect = || -> Result<(f64, f64, f64, usize)> {
+    let detect = || -> Result<(f64, f64, f64, usize)> {
         let t0 = Instant::now();
         let batch = model.preprocess(std::slice::from_ref(&image))?;
         let raw = model.forward_raw(&batch)?;

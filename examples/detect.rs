@@ -73,7 +73,11 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = std::fs::File::create(&tmp)
         .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
         .and_then(|_| std::fs::rename(&tmp, path));
@@ -92,7 +96,10 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     if !(0.0..1.0).contains(&args.score_threshold) {
-        bail!("--score-threshold must be in [0, 1), got {}", args.score_threshold);
+        bail!(
+            "--score-threshold must be in [0, 1), got {}",
+            args.score_threshold
+        );
     }
     let opts = LoadOptions {
         bn_eps: args.bn_eps,

@@ -5,7 +5,9 @@
 //! the checkpoint's four buffers, as torchvision's `FrozenBatchNorm2d` does.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{conv2d_no_bias, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{conv2d_no_bias, Conv2dConfig, VarBuilder};
+
+use crate::conv::Conv;
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,8 +68,10 @@ impl ResNetConfig {
 /// Frozen batch norm: `y = x · scale + shift` with per-channel constants.
 #[derive(Debug, Clone)]
 pub struct FrozenBatchNorm2d {
-    scale: Tensor,
-    shift: Tensor,
+    /// Per-channel scale `(1, C, 1, 1)`.
+    pub scale: Tensor,
+    /// Per-channel shift `(1, C, 1, 1)`.
+    pub shift: Tensor,
 }
 
 impl FrozenBatchNorm2d {
@@ -93,40 +97,69 @@ impl Module for FrozenBatchNorm2d {
     }
 }
 
-fn conv(cin: usize, cout: usize, k: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig {
-        padding: k / 2,
-        stride,
-        ..Default::default()
-    };
-    conv2d_no_bias(cin, cout, k, cfg, vb)
-}
-
-/// A 1×1 projection shortcut (`downsample.0` conv, `downsample.1` norm).
+/// A bias-free convolution followed by frozen batch norm (`convN` + `bnN`, or
+/// `downsample.0` + `downsample.1`). [`ConvBn::fuse`] folds the norm into the convolution.
 #[derive(Debug, Clone)]
-struct Downsample {
-    conv: Conv2d,
-    bn: FrozenBatchNorm2d,
+pub struct ConvBn {
+    conv: Conv,
+    bn: Option<FrozenBatchNorm2d>,
 }
 
-impl Downsample {
-    fn new(cin: usize, cout: usize, stride: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+impl ConvBn {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        eps: f64,
+        vb_conv: VarBuilder,
+        vb_bn: VarBuilder,
+    ) -> Result<Self> {
+        let cfg = Conv2dConfig {
+            padding: k / 2,
+            stride,
+            ..Default::default()
+        };
         Ok(Self {
-            conv: conv(cin, cout, 1, stride, vb.pp("0"))?,
-            bn: FrozenBatchNorm2d::new(cout, eps, vb.pp("1"))?,
+            conv: Conv::Plain(conv2d_no_bias(cin, cout, k, cfg, vb_conv)?),
+            bn: Some(FrozenBatchNorm2d::new(cout, eps, vb_bn)?),
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x)?)
+    /// `relu?(bn(conv(x)) [+ residual])`.
+    pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        let Some(bn) = &self.bn else {
+            return self.conv.forward_with(x, residual, relu);
+        };
+        let mut y = bn.forward(&self.conv.forward(x)?)?;
+        if let Some(r) = residual {
+            y = (y + r)?;
+        }
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// Folds the batch norm into the convolution's weights and bias (inference only).
+    pub fn fuse(&mut self) -> Result<()> {
+        if let Some(bn) = &self.bn {
+            self.conv.fuse(Some((&bn.scale, &bn.shift)))?;
+            if matches!(self.conv, Conv::Fused(_)) {
+                self.bn = None;
+            }
+        }
+        Ok(())
     }
 }
 
 /// One residual block; the stride sits on the 3×3 convolution (ResNet v1.5, as torchvision).
 #[derive(Debug, Clone)]
 struct Block {
-    convs: Vec<(Conv2d, FrozenBatchNorm2d)>,
-    downsample: Option<Downsample>,
+    convs: Vec<ConvBn>,
+    downsample: Option<ConvBn>,
 }
 
 impl Block {
@@ -152,19 +185,20 @@ impl Block {
             .into_iter()
             .enumerate()
             .map(|(i, (ci, co, k, s))| {
-                Ok((
-                    conv(ci, co, k, s, vb.pp(format!("conv{}", i + 1)))?,
-                    FrozenBatchNorm2d::new(co, eps, vb.pp(format!("bn{}", i + 1)))?,
-                ))
+                let (conv, bn) = (format!("conv{}", i + 1), format!("bn{}", i + 1));
+                ConvBn::new(ci, co, k, s, eps, vb.pp(conv), vb.pp(bn))
             })
             .collect::<Result<Vec<_>>>()?;
         let downsample = if stride != 1 || cin != cout {
-            Some(Downsample::new(
+            let vb = vb.pp("downsample");
+            Some(ConvBn::new(
                 cin,
                 cout,
+                1,
                 stride,
                 eps,
-                vb.pp("downsample"),
+                vb.pp("0"),
+                vb.pp("1"),
             )?)
         } else {
             None
@@ -173,45 +207,38 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let last = self.convs.len() - 1;
-        let mut y = x.clone();
-        for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            y = bn.forward(&conv.forward(&y)?)?;
-            if i != last {
-                y = y.relu()?;
-            }
-        }
         let identity = match &self.downsample {
-            Some(d) => d.forward(x)?,
+            Some(d) => d.forward(x, None, false)?,
             None => x.clone(),
         };
-        (y + identity)?.relu()
+        let (last, rest) = self.convs.split_last().expect("blocks have convolutions");
+        let mut y = x.clone();
+        for conv in rest {
+            y = conv.forward(&y, None, true)?;
+        }
+        // The residual sum and its ReLU are fused into the last convolution.
+        last.forward(&y, Some(&identity), true)
+    }
+
+    fn fuse(&mut self) -> Result<()> {
+        for c in self.convs.iter_mut().chain(self.downsample.as_mut()) {
+            c.fuse()?;
+        }
+        Ok(())
     }
 }
 
 /// ResNet trunk under `backbone.body`.
 #[derive(Debug, Clone)]
 pub struct ResNet {
-    conv1: Conv2d,
-    bn1: FrozenBatchNorm2d,
+    stem: ConvBn,
     layers: [Vec<Block>; 4],
 }
 
 impl ResNet {
     /// Builds the trunk from `vb` (rooted at `backbone.body`).
     pub fn new(cfg: &ResNetConfig, bn_eps: f64, vb: VarBuilder) -> Result<Self> {
-        let conv1 = conv2d_no_bias(
-            3,
-            64,
-            7,
-            Conv2dConfig {
-                padding: 3,
-                stride: 2,
-                ..Default::default()
-            },
-            vb.pp("conv1"),
-        )?;
-        let bn1 = FrozenBatchNorm2d::new(64, bn_eps, vb.pp("bn1"))?;
+        let stem = ConvBn::new(3, 64, 7, 2, bn_eps, vb.pp("conv1"), vb.pp("bn1"))?;
         let mut cin = 64;
         let mut stage = |i: usize| -> Result<Vec<Block>> {
             let planes = 64 << i;
@@ -226,12 +253,21 @@ impl ResNet {
                 .collect()
         };
         let layers = [stage(0)?, stage(1)?, stage(2)?, stage(3)?];
-        Ok(Self { conv1, bn1, layers })
+        Ok(Self { stem, layers })
+    }
+
+    /// Folds every batch norm into its convolution (inference only).
+    pub fn fuse(&mut self) -> Result<()> {
+        self.stem.fuse()?;
+        for block in self.layers.iter_mut().flatten() {
+            block.fuse()?;
+        }
+        Ok(())
     }
 
     /// Returns C3, C4, C5 (outputs of layer2, layer3, layer4) for an `(N, 3, H, W)` batch.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let x = self.bn1.forward(&self.conv1.forward(x)?)?.relu()?;
+        let x = self.stem.forward(x, None, true)?;
         let mut x = max_pool_3x3_s2_p1(&x)?;
         let mut out = Vec::with_capacity(3);
         for (i, layer) in self.layers.iter().enumerate() {

@@ -64,6 +64,10 @@ pub struct LoadOptions {
     pub transform: TransformConfig,
     /// Post-processing.
     pub postprocess: PostProcessConfig,
+    /// Fold batch norm and use the fast inference kernels (see
+    /// [`RetinaNet::fuse_for_inference`](crate::RetinaNet::fuse_for_inference)); turn off to
+    /// keep the model differentiable.
+    pub fuse: bool,
 }
 
 impl Default for LoadOptions {
@@ -74,6 +78,7 @@ impl Default for LoadOptions {
             dtype: DType::F32,
             transform: TransformConfig::default(),
             postprocess: PostProcessConfig::default(),
+            fuse: true,
         }
     }
 }

@@ -2,7 +2,9 @@
 //! and P7, as torchvision's `backbone.fpn`.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{conv2d, Conv2dConfig, VarBuilder};
+
+use crate::conv::Conv;
 
 /// Input of the P6 convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -17,10 +19,10 @@ pub enum ExtraInput {
 /// (`layer_blocks.{i}.0`) and `extra_blocks.p6/p7`.
 #[derive(Debug, Clone)]
 pub struct Fpn {
-    inner_blocks: Vec<Conv2d>,
-    layer_blocks: Vec<Conv2d>,
-    p6: Conv2d,
-    p7: Conv2d,
+    inner_blocks: Vec<Conv>,
+    layer_blocks: Vec<Conv>,
+    p6: Conv,
+    p7: Conv,
     extra_input: ExtraInput,
 }
 
@@ -45,17 +47,19 @@ impl Fpn {
         let mut layer_blocks = Vec::new();
         for (i, &c) in in_channels.iter().enumerate() {
             let vb_inner = vb.pp("inner_blocks").pp(i).pp("0");
-            inner_blocks.push(conv2d(c, out_channels, 1, Default::default(), vb_inner)?);
+            let inner = conv2d(c, out_channels, 1, Default::default(), vb_inner)?;
+            inner_blocks.push(Conv::Plain(inner));
             let vb_layer = vb.pp("layer_blocks").pp(i).pp("0");
-            layer_blocks.push(conv2d(out_channels, out_channels, 3, same, vb_layer)?);
+            let layer = conv2d(out_channels, out_channels, 3, same, vb_layer)?;
+            layer_blocks.push(Conv::Plain(layer));
         }
         let p6_in = match extra_input {
             ExtraInput::P5 => out_channels,
             ExtraInput::C5 => *in_channels.last().unwrap_or(&out_channels),
         };
         let extra = vb.pp("extra_blocks");
-        let p6 = conv2d(p6_in, out_channels, 3, down, extra.pp("p6"))?;
-        let p7 = conv2d(out_channels, out_channels, 3, down, extra.pp("p7"))?;
+        let p6 = Conv::Plain(conv2d(p6_in, out_channels, 3, down, extra.pp("p6"))?);
+        let p7 = Conv::Plain(conv2d(out_channels, out_channels, 3, down, extra.pp("p7"))?);
         Ok(Self {
             inner_blocks,
             layer_blocks,
@@ -71,9 +75,10 @@ impl Fpn {
         let mut last_inner = self.inner_blocks[n - 1].forward(&c[n - 1])?;
         let mut p = vec![self.layer_blocks[n - 1].forward(&last_inner)?];
         for i in (0..n - 1).rev() {
-            let lateral = self.inner_blocks[i].forward(&c[i])?;
-            let (_, _, h, w) = lateral.dims4()?;
-            last_inner = (lateral + upsample_nearest(&last_inner, h, w)?)?;
+            let (_, _, h, w) = c[i].dims4()?;
+            // lateral(C_i) + upsampled top-down path, the sum fused into the lateral conv.
+            let top_down = upsample_nearest(&last_inner, h, w)?;
+            last_inner = self.inner_blocks[i].forward_with(&c[i], Some(&top_down), false)?;
             p.insert(0, self.layer_blocks[i].forward(&last_inner)?);
         }
         let p6_input = match self.extra_input {
@@ -86,6 +91,18 @@ impl Fpn {
         p.push(p6);
         p.push(p7);
         Ok(p)
+    }
+
+    /// Switches every convolution to the fast inference path.
+    pub fn fuse(&mut self) -> Result<()> {
+        let convs = self
+            .inner_blocks
+            .iter_mut()
+            .chain(self.layer_blocks.iter_mut());
+        for conv in convs.chain([&mut self.p6, &mut self.p7]) {
+            conv.fuse(None)?;
+        }
+        Ok(())
     }
 }
 

@@ -4,12 +4,14 @@
 //! logits or A·4 box deltas, shared across pyramid levels.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+
+use crate::conv::Conv;
 
 /// One conv of a subnet's trunk: `conv.{i}.0` and, in v2, GroupNorm `conv.{i}.1`.
 #[derive(Debug, Clone)]
 struct ConvNormAct {
-    conv: Conv2d,
+    conv: Conv,
     norm: Option<GroupNorm>,
 }
 
@@ -26,14 +28,17 @@ impl ConvNormAct {
         } else {
             (conv2d(channels, channels, 3, cfg, vb.pp("0"))?, None)
         };
-        Ok(Self { conv, norm })
+        Ok(Self {
+            conv: Conv::Plain(conv),
+            norm,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = self.conv.forward(x)?;
         match &self.norm {
-            Some(norm) => norm.forward(&x)?.relu(),
-            None => x.relu(),
+            Some(norm) => norm.forward(&self.conv.forward(x)?)?.relu(),
+            // Without a norm, the ReLU is fused into the convolution.
+            None => self.conv.forward_with(x, None, true),
         }
     }
 }
@@ -42,7 +47,7 @@ impl ConvNormAct {
 #[derive(Debug, Clone)]
 struct Subnet {
     trunk: Vec<ConvNormAct>,
-    out: Conv2d,
+    out: Conv,
     outputs_per_anchor: usize,
 }
 
@@ -62,13 +67,13 @@ impl Subnet {
             padding: 1,
             ..Default::default()
         };
-        let out = conv2d(
+        let out = Conv::Plain(conv2d(
             channels,
             num_anchors * outputs_per_anchor,
             3,
             cfg,
             vb.pp(out_name),
-        )?;
+        )?);
         Ok(Self {
             trunk,
             out,
@@ -89,6 +94,13 @@ impl Subnet {
         y.reshape((n, (), k, h, w))?
             .permute((0, 3, 4, 1, 2))?
             .reshape((n, (), k))
+    }
+
+    fn fuse(&mut self) -> Result<()> {
+        for layer in &mut self.trunk {
+            layer.conv.fuse(None)?;
+        }
+        self.out.fuse(None)
     }
 
     fn forward(&self, levels: &[Tensor]) -> Result<Tensor> {
@@ -136,6 +148,12 @@ impl RetinaNetHead {
             classification,
             regression,
         })
+    }
+
+    /// Switches every convolution to the fast inference path.
+    pub fn fuse(&mut self) -> Result<()> {
+        self.classification.fuse()?;
+        self.regression.fuse()
     }
 
     /// Class logits `(N, ΣHWA, K)` and box deltas `(N, ΣHWA, 4)` over all levels.

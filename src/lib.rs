@@ -29,6 +29,7 @@ pub mod backbone;
 pub mod box_coder;
 pub mod checkpoint;
 pub mod classes;
+pub mod conv;
 pub mod error;
 pub mod eval;
 pub mod fpn;

@@ -176,6 +176,9 @@ impl RetinaNet {
             config.bn_eps = eps;
         }
         let mut model = ckpt.build(opts.dtype, device, |vb| Self::new(&config, vb))?;
+        if opts.fuse {
+            model.fuse_for_inference()?;
+        }
         model.transform = opts.transform.clone();
         model.postprocess = opts.postprocess.clone();
         model.class_names = match ckpt.class_names()? {
@@ -201,6 +204,16 @@ impl RetinaNet {
             }
         }
         Ok(model)
+    }
+
+    /// Prepares the network for inference: folds frozen batch norm into the convolutions and,
+    /// on CPU in f32, switches them to the crate's fast fused kernels (`conv` module). The
+    /// result is no longer differentiable; training uses the unfused model.
+    pub fn fuse_for_inference(&mut self) -> Result<()> {
+        self.backbone.fuse()?;
+        self.fpn.fuse()?;
+        self.head.fuse()?;
+        Ok(())
     }
 
     /// The architecture.

@@ -14,7 +14,11 @@ fn detect_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().unwrap().parent().unwrap();
     let bin = profile_dir.join("examples").join("detect");
-    assert!(bin.is_file(), "{} not built (cargo test builds examples)", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} not built (cargo test builds examples)",
+        bin.display()
+    );
     bin
 }
 
@@ -35,7 +39,14 @@ fn json_lists_images_in_order_and_matches_the_library() {
     let out = tmp("dets.json");
     let status = Command::new(detect_bin())
         .args(["--weights", weights.to_str().unwrap()])
-        .args(["--min-size", "320", "--max-size", "512", "--max-detections", "50"])
+        .args([
+            "--min-size",
+            "320",
+            "--max-size",
+            "512",
+            "--max-detections",
+            "50",
+        ])
         .args(["--json", out.to_str().unwrap()])
         .args(&images)
         .status()
@@ -69,8 +80,16 @@ fn json_lists_images_in_order_and_matches_the_library() {
             assert!(score <= last, "sorted by score");
             last = score;
             assert_eq!(d["label"], o.label);
-            assert!(d["class"].is_null(), "no names for a 7-class model without metadata");
-            let b: Vec<f64> = d["box"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            assert!(
+                d["class"].is_null(),
+                "no names for a 7-class model without metadata"
+            );
+            let b: Vec<f64> = d["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
             assert_eq!(b.len(), 4);
             assert!(b[0] >= 0.0 && b[2] <= img.width() as f64 && b[0] <= b[2] && b[1] <= b[3]);
         }
@@ -84,7 +103,10 @@ fn unreadable_image_fails_and_writes_nothing() {
     std::fs::write(&bad, b"\x89PNG not really").unwrap();
     let out = tmp("never.json");
     let output = Command::new(detect_bin())
-        .args(["--weights", dir.join("v1_r18_k7/model.safetensors").to_str().unwrap()])
+        .args([
+            "--weights",
+            dir.join("v1_r18_k7/model.safetensors").to_str().unwrap(),
+        ])
         .args(["--min-size", "128", "--max-size", "256"])
         .args(["--json", out.to_str().unwrap()])
         .arg(dir.join("dog_crop.png"))

@@ -32,15 +32,24 @@ fn missing_tensor_is_named_with_its_shape() {
     t.remove("backbone.body.layer3.1.bn2.running_var");
     let path = save(&t, "missing.safetensors");
     let msg = load_err(&path).to_string();
-    assert!(msg.contains("backbone.body.layer3.1.bn2.running_var"), "{msg}");
-    assert!(msg.contains("[256]") && msg.contains("missing.safetensors"), "{msg}");
+    assert!(
+        msg.contains("backbone.body.layer3.1.bn2.running_var"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("[256]") && msg.contains("missing.safetensors"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn misshaped_tensor_is_named_with_both_shapes() {
     let mut t = r18_tensors();
     let name = "backbone.body.layer2.0.conv2.weight";
-    t.insert(name.into(), Tensor::zeros((128, 128, 1, 3), DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        name.into(),
+        Tensor::zeros((128, 128, 1, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
     let path = save(&t, "misshaped.safetensors");
     match load_err(&path) {
         Error::ShapeMismatch {
@@ -60,7 +69,10 @@ fn misshaped_tensor_is_named_with_both_shapes() {
 #[test]
 fn unexpected_tensor_is_named() {
     let mut t = r18_tensors();
-    t.insert("head.extra.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "head.extra.weight".into(),
+        Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+    );
     let path = save(&t, "unexpected.safetensors");
     let msg = load_err(&path).to_string();
     assert!(msg.contains("head.extra.weight"), "{msg}");
@@ -69,10 +81,16 @@ fn unexpected_tensor_is_named() {
 #[test]
 fn not_a_retinanet_checkpoint() {
     let mut t = HashMap::new();
-    t.insert("fc.weight".to_string(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap());
+    t.insert(
+        "fc.weight".to_string(),
+        Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+    );
     let path = save(&t, "classifier.safetensors");
     let msg = load_err(&path).to_string();
-    assert!(msg.contains("classifier.safetensors") && msg.contains("backbone"), "{msg}");
+    assert!(
+        msg.contains("classifier.safetensors") && msg.contains("backbone"),
+        "{msg}"
+    );
 }
 
 #[test]
