@@ -76,6 +76,10 @@ pub enum Error {
     /// COCO evaluation failed.
     #[error(transparent)]
     Eval(#[from] crate::eval::EvalError),
+
+    /// A dataset could not be loaded or batched.
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
 }
 
 /// Result type of this crate.

@@ -30,6 +30,7 @@ pub mod box_coder;
 pub mod checkpoint;
 pub mod classes;
 pub mod conv;
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod fpn;
