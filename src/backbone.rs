@@ -143,6 +143,11 @@ impl ConvBn {
         }
     }
 
+    /// Whether [`ConvBn::fuse`] switched this layer to the fast inference path.
+    pub fn is_fused(&self) -> bool {
+        matches!(self.conv, Conv::Fused(_))
+    }
+
     /// Folds the batch norm into the convolution's weights and bias (inference only).
     pub fn fuse(&mut self) -> Result<()> {
         if let Some(bn) = &self.bn {
@@ -268,7 +273,11 @@ impl ResNet {
     /// Returns C3, C4, C5 (outputs of layer2, layer3, layer4) for an `(N, 3, H, W)` batch.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         let x = self.stem.forward(x, None, true)?;
-        let mut x = max_pool_3x3_s2_p1(&x)?;
+        let mut x = if self.stem.is_fused() {
+            crate::conv::max_pool_3x3_s2_p1(&x)?
+        } else {
+            max_pool_3x3_s2_p1(&x)?
+        };
         let mut out = Vec::with_capacity(3);
         for (i, layer) in self.layers.iter().enumerate() {
             for block in layer {

@@ -26,6 +26,8 @@ pub struct FusedConv2d {
     /// Stride 1: weights per tap, `[k·k][cout][cin]`; otherwise im2col order,
     /// `[cout][cin·k·k]`.
     packed: Vec<f32>,
+    /// Winograd F(2×2, 3×3) weights `G·g·Gᵀ`, `[16][cout][cin]`, for 3×3 stride-1 convs.
+    winograd: Option<Vec<f32>>,
     bias: Vec<f32>,
     cin: usize,
     cout: usize,
@@ -35,8 +37,22 @@ pub struct FusedConv2d {
 }
 
 impl FusedConv2d {
-    /// Prepares `weight` `(cout, cin, k, k)` and `bias` `(cout,)`.
+    /// Prepares `weight` `(cout, cin, k, k)` and `bias` `(cout,)`; 3×3 stride-1 convolutions
+    /// with padding 1 and at least 128 input channels use Winograd's F(2×2, 3×3), which needs
+    /// 2.25× fewer multiplications.
     pub fn new(weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Self> {
+        Self::with_winograd(weight, bias, stride, padding, true)
+    }
+
+    /// As [`FusedConv2d::new`], choosing whether eligible convolutions use Winograd.
+    pub fn with_winograd(
+        weight: &Tensor,
+        bias: &Tensor,
+        stride: usize,
+        padding: usize,
+        winograd: bool,
+    ) -> Result<Self> {
+        tune_allocator();
         let (cout, cin, k, k2) = weight.dims4()?;
         if k != k2 || stride == 0 {
             candle_core::bail!("unsupported conv: kernel {k}×{k2}, stride {stride}");
@@ -45,9 +61,17 @@ impl FusedConv2d {
         let packed = if stride == 1 {
             w.permute((2, 3, 0, 1))?.contiguous()?
         } else {
-            w
+            w.clone()
+        };
+        // Below ~128 input channels the transforms cost more than the products save.
+        let eligible = winograd && k == 3 && stride == 1 && padding == 1 && cin >= 128;
+        let winograd = if eligible {
+            Some(winograd_weights(&w.flatten_all()?.to_vec1()?, cout, cin))
+        } else {
+            None
         };
         Ok(Self {
+            winograd,
             packed: packed.flatten_all()?.to_vec1()?,
             bias: bias.to_dtype(DType::F32)?.to_vec1()?,
             cin,
@@ -77,126 +101,163 @@ impl FusedConv2d {
         }
     }
 
-    /// One image: `x` is `cin × h × w`, `out` is `cout × ho × wo`, pre-filled with the
-    /// residual (or zeros).
+    /// One image: `x` is `cin × h × w`; `out` (`cout × ho × wo`) holds the residual on
+    /// entry (or zeros) and `relu?(conv(x) + bias + residual)` on return.
     fn run(&self, x: &[f32], h: usize, w: usize, out: &mut [f32], relu: bool) {
         let (ho, wo) = self.output_size(h, w);
-        for (o, b) in out.chunks_exact_mut(ho * wo).zip(&self.bias) {
-            o.iter_mut().for_each(|v| *v += b);
-        }
-        if self.stride == 1 && self.k == 1 && self.padding == 0 {
-            // SAFETY: out is cout × (h·w), taps is cout × cin, x is cin × (h·w).
-            unsafe { self.product(out, h * w, h * w, &self.packed, self.cin, x, h * w) };
-        } else if self.stride == 1 {
-            self.run_shifted(x, h, w, out);
-        } else {
-            self.run_im2col(x, h, w, out);
-        }
-        if relu {
-            out.par_chunks_mut(4096)
-                .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
-        }
-    }
-
-    /// Stride 1: Σ over taps of `W_tap · shift(x_padded)`, on the padded width.
-    fn run_shifted(&self, x: &[f32], h: usize, w: usize, out: &mut [f32]) {
         let (k, p) = (self.k, self.padding);
-        let (hp, wp) = (h + 2 * p, w + 2 * p);
-        let (ho, wo) = self.output_size(h, w);
-        let padded = pad(x, self.cin, h, w, p);
-        // Output on the padded width: columns wo..wp of each row are scratch.
-        let mut wide = vec![0f32; self.cout * ho * wp];
-        spread(out, &mut wide, self.cout, ho, wo, wp);
-        let n = (ho - 1) * wp + wo;
-        let tap_len = self.cout * self.cin;
-        for ky in 0..k {
-            for kx in 0..k {
-                let tap = &self.packed[(ky * k + kx) * tap_len..][..tap_len];
-                let rhs = &padded[ky * wp + kx..];
-                // SAFETY: rows of rhs start at ci·hp·wp + ky·wp + kx and read n ≤
-                // hp·wp − ky·wp − kx values; wide rows are ho·wp ≥ n long.
-                unsafe { self.product(&mut wide, n, ho * wp, tap, self.cin, rhs, hp * wp) };
-            }
+        let epilogue = Epilogue {
+            out: SyncPtr(out.as_mut_ptr()),
+            bias: &self.bias,
+            plane: ho * wo,
+            wo,
+            relu,
+        };
+        if let Some(u) = &self.winograd {
+            self.run_winograd(u, x, h, w, &epilogue);
+        } else if self.stride == 1 {
+            // Outputs on the padded width: column q is (q / wp, q % wp); q % wp ≥ wo is
+            // scratch. Tap (ky, kx) reads the padded input shifted by ky·wp + kx.
+            let (hp, wp) = (h + 2 * p, w + 2 * p);
+            let padded;
+            let input = if p == 0 {
+                x
+            } else {
+                padded = pad(x, self.cin, h, w, p);
+                &padded
+            };
+            let n = (ho - 1) * wp + wo;
+            let tap_len = self.cout * self.cin;
+            self.for_each_band(n, self.cin, |q0, nb, dst, _| {
+                for (t, tap) in self.packed.chunks_exact(tap_len).enumerate() {
+                    let offset = (t / k) * wp + t % k + q0;
+                    // SAFETY: the last column read is q0 + nb − 1 + (k−1)·wp + k−1 <
+                    // hp·wp on every input plane.
+                    unsafe {
+                        self.product(dst, nb, t > 0, tap, self.cin, &input[offset..], hp * wp)
+                    };
+                }
+                epilogue.write(dst, nb, |j| {
+                    let q = q0 + j;
+                    (q % wp < wo).then(|| (q / wp) * wo + q % wp)
+                });
+            });
+        } else {
+            let kk = self.cin * k * k;
+            self.for_each_band(ho * wo, kk, |q0, nb, dst, cols| {
+                self.im2col(x, h, w, q0, nb, cols);
+                // SAFETY: cols is kk × nb, dst cout × nb.
+                unsafe { self.product(dst, nb, false, &self.packed, kk, cols, nb) };
+                epilogue.write(dst, nb, |j| Some(q0 + j));
+            });
         }
-        compact(&wide, out, self.cout, ho, wo, wp);
     }
 
-    /// Stride > 1: im2col over bands of output rows, one product per band.
-    fn run_im2col(&self, x: &[f32], h: usize, w: usize, out: &mut [f32]) {
-        let (ho, wo) = self.output_size(h, w);
-        let kk = self.cin * self.k * self.k;
-        // About 8 MB of columns per band.
-        let rows = ((2 << 20) / (kk * wo).max(1)).clamp(1, ho);
-        let mut cols = vec![0f32; kk * rows * wo];
-        for y0 in (0..ho).step_by(rows) {
-            let band = rows.min(ho - y0);
-            let n = band * wo;
-            self.im2col(x, h, w, y0, band, &mut cols[..kk * n]);
-            // SAFETY: out rows are ho·wo long and the band starts at y0·wo.
-            unsafe {
-                self.product(&mut out[y0 * wo..], n, ho * wo, &self.packed, kk, &cols, n);
-            }
-        }
+    /// Winograd F(2×2, 3×3): per 4×4 input tile, V = Bᵀ·d·B; per tile position ξ of 16,
+    /// M_ξ = U_ξ · V_ξ (a matrix product over channels); per output tile, Y = Aᵀ·M·A.
+    fn run_winograd(&self, u: &[f32], x: &[f32], h: usize, w: usize, epilogue: &Epilogue) {
+        let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+        // Padded by 1, plus one more row/column when a side is odd.
+        let (hp, wp) = (2 * th + 2, 2 * tw + 2);
+        let padded = pad_to(x, self.cin, h, w, 1, hp, wp);
+        let tiles = th * tw;
+        let (cin, cout) = (self.cin, self.cout);
+        let nt = (WINOGRAD_BAND_FLOATS / (16 * (cin + cout))).clamp(16, 1024);
+        let bands = tiles.div_ceil(nt);
+        (0..bands).into_par_iter().for_each_init(
+            || (vec![0f32; 16 * cin * nt], vec![0f32; 16 * cout * nt]),
+            |(v, m), b| {
+                let t0 = b * nt;
+                let n = nt.min(tiles - t0);
+                winograd_input(&padded, cin, hp, wp, tw, t0, n, &mut v[..16 * cin * n]);
+                for xi in 0..16 {
+                    let lhs = &u[xi * cout * cin..][..cout * cin];
+                    let rhs = &v[xi * cin * n..][..cin * n];
+                    let dst = &mut m[xi * cout * n..][..cout * n];
+                    // SAFETY: lhs is cout × cin, rhs cin × n, dst cout × n.
+                    unsafe { self.product(dst, n, false, lhs, cin, rhs, n) };
+                }
+                epilogue.write_winograd(&m[..16 * cout * n], cout, n, t0, tw, h, w);
+            },
+        );
     }
 
-    fn im2col(&self, x: &[f32], h: usize, w: usize, y0: usize, band: usize, cols: &mut [f32]) {
+    /// Splits `n` output columns into bands run in parallel; each band gets a `cout × nb`
+    /// accumulator and a `kdim × nb` scratch, sized so both stay in cache.
+    fn for_each_band<F>(&self, n: usize, kdim: usize, f: F)
+    where
+        F: Fn(usize, usize, &mut [f32], &mut [f32]) + Sync,
+    {
+        let nb = (BAND_FLOATS / (self.cout + kdim)).clamp(32, 1024) / 16 * 16;
+        let bands = n.div_ceil(nb);
+        (0..bands).into_par_iter().for_each_init(
+            || (vec![0f32; self.cout * nb], vec![0f32; kdim * nb]),
+            |(dst, cols), b| {
+                let q0 = b * nb;
+                let len = nb.min(n - q0);
+                f(
+                    q0,
+                    len,
+                    &mut dst[..self.cout * len],
+                    &mut cols[..kdim * len],
+                );
+            },
+        );
+    }
+
+    /// im2col of output columns `q0..q0 + nb` into `cols` (`cin·k·k × nb`), one output-row
+    /// segment at a time.
+    fn im2col(&self, x: &[f32], h: usize, w: usize, q0: usize, nb: usize, cols: &mut [f32]) {
         let (k, s, p) = (self.k, self.stride, self.padding);
         let wo = self.output_size(h, w).1;
-        cols.par_chunks_mut(band * wo)
-            .enumerate()
-            .for_each(|(row, col)| {
-                let (ci, ky, kx) = (row / (k * k), row / k % k, row % k);
-                let plane = &x[ci * h * w..][..h * w];
-                for (yy, dst) in col.chunks_exact_mut(wo).enumerate() {
-                    let iy = ((y0 + yy) * s + ky) as isize - p as isize;
-                    if iy < 0 || iy >= h as isize {
-                        dst.fill(0.0);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * w..][..w];
-                    for (xx, d) in dst.iter_mut().enumerate() {
-                        let ix = (xx * s + kx) as isize - p as isize;
-                        *d = if ix < 0 || ix >= w as isize {
-                            0.0
-                        } else {
-                            src[ix as usize]
-                        };
-                    }
+        for (row, col) in cols.chunks_exact_mut(nb).enumerate() {
+            let (ci, ky, kx) = (row / (k * k), row / k % k, row % k);
+            let plane = &x[ci * h * w..][..h * w];
+            let mut j = 0;
+            while j < nb {
+                let (yo, xo0) = ((q0 + j) / wo, (q0 + j) % wo);
+                let len = (wo - xo0).min(nb - j);
+                let seg = &mut col[j..j + len];
+                j += len;
+                let iy = (yo * s + ky).wrapping_sub(p);
+                if iy >= h {
+                    seg.fill(0.0);
+                    continue;
                 }
-            });
+                let src = &plane[iy * w..][..w];
+                for (d, xo) in seg.iter_mut().zip(xo0..) {
+                    let ix = (xo * s + kx).wrapping_sub(p);
+                    *d = if ix < w { src[ix] } else { 0.0 };
+                }
+            }
+        }
     }
 
-    /// `dst[co][j] += Σ_c lhs[co][c] · rhs[c·rhs_rs + j]` for j < n, with `dst` rows
-    /// `dst_rs` apart.
+    /// `dst[co][j] (+)= Σ_c lhs[co][c] · rhs[c·rhs_rs + j]` for j < n, `dst` being
+    /// `cout × n`, single-threaded (the bands are the parallelism).
     ///
     /// # Safety
-    /// `dst` must hold `cout` rows of `dst_rs ≥ n`, `lhs` `cout × kdim`, and `rhs` `kdim`
-    /// rows of `rhs_rs` with `n` readable values each.
+    /// `lhs` must be `cout × kdim` and `rhs` hold `kdim` rows of `rhs_rs` with `n` readable
+    /// values each.
     #[allow(clippy::too_many_arguments)]
     unsafe fn product(
         &self,
         dst: &mut [f32],
         n: usize,
-        dst_rs: usize,
+        accumulate: bool,
         lhs: &[f32],
         kdim: usize,
         rhs: &[f32],
         rhs_rs: usize,
     ) {
-        let threads = candle_core::utils::get_num_threads();
-        let parallelism = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
         gemm(
             self.cout,
             n,
             kdim,
             dst.as_mut_ptr(),
             1,
-            dst_rs as isize,
-            true,
+            n as isize,
+            accumulate,
             lhs.as_ptr(),
             1,
             kdim as isize,
@@ -208,14 +269,178 @@ impl FusedConv2d {
             false,
             false,
             false,
-            parallelism,
+            Parallelism::None,
         );
+    }
+}
+
+/// Floats of accumulator plus scratch per band: about 1 MB, a core's L2.
+const BAND_FLOATS: usize = 256 * 1024;
+
+/// Floats of Winograd scratch (transformed inputs and products) per band: about 2 MB.
+const WINOGRAD_BAND_FLOATS: usize = 512 * 1024;
+
+/// U = G·g·Gᵀ for every (cout, cin) 3×3 kernel, laid out `[16][cout][cin]`.
+fn winograd_weights(w: &[f32], cout: usize, cin: usize) -> Vec<f32> {
+    const G: [[f64; 3]; 4] = [
+        [1.0, 0.0, 0.0],
+        [0.5, 0.5, 0.5],
+        [0.5, -0.5, 0.5],
+        [0.0, 0.0, 1.0],
+    ];
+    let mut u = vec![0f32; 16 * cout * cin];
+    for (oc, g) in w.chunks_exact(9).enumerate() {
+        let g = |r: usize, c: usize| g[r * 3 + c] as f64;
+        for i in 0..4 {
+            for j in 0..4 {
+                let mut acc = 0.0;
+                for (r, gi) in G[i].iter().enumerate() {
+                    for (c, gj) in G[j].iter().enumerate() {
+                        acc += gi * g(r, c) * gj;
+                    }
+                }
+                u[(i * 4 + j) * cout * cin + oc] = acc as f32;
+            }
+        }
+    }
+    u
+}
+
+/// V = Bᵀ·d·B for `n` tiles from `t0` of every channel, into `v` laid out `[16][cin][n]`.
+#[allow(clippy::too_many_arguments)]
+fn winograd_input(
+    x: &[f32],
+    cin: usize,
+    hp: usize,
+    wp: usize,
+    tw: usize,
+    t0: usize,
+    n: usize,
+    v: &mut [f32],
+) {
+    for c in 0..cin {
+        let plane = &x[c * hp * wp..][..hp * wp];
+        for j in 0..n {
+            let (ty, tx) = ((t0 + j) / tw, (t0 + j) % tw);
+            let base = 2 * ty * wp + 2 * tx;
+            let row = |r: usize| {
+                let s = &plane[base + r * wp..][..4];
+                [s[0], s[1], s[2], s[3]]
+            };
+            let (d0, d1, d2, d3) = (row(0), row(1), row(2), row(3));
+            // Bᵀ·d: rows d0 − d2, d1 + d2, d2 − d1, d1 − d3.
+            let rows = [sub(d0, d2), add(d1, d2), sub(d2, d1), sub(d1, d3)];
+            for (i, r) in rows.iter().enumerate() {
+                // (·)·B: columns r0 − r2, r1 + r2, r2 − r1, r1 − r3.
+                let out = [r[0] - r[2], r[1] + r[2], r[2] - r[1], r[1] - r[3]];
+                for (jj, &val) in out.iter().enumerate() {
+                    v[((i * 4 + jj) * cin + c) * n + j] = val;
+                }
+            }
+        }
+    }
+}
+
+fn add(a: [f32; 4], b: [f32; 4]) -> [f32; 4] {
+    [a[0] + b[0], a[1] + b[1], a[2] + b[2], a[3] + b[3]]
+}
+
+fn sub(a: [f32; 4], b: [f32; 4]) -> [f32; 4] {
+    [a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3]]
+}
+
+/// A pointer shared by bands that write disjoint elements.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: bands write disjoint output elements (each output position belongs to one band).
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// Writes `relu?(acc + bias + residual)` for a band to the output planes.
+struct Epilogue<'a> {
+    out: SyncPtr,
+    bias: &'a [f32],
+    plane: usize,
+    wo: usize,
+    relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// `pos(j)` maps band column j to its position in an output plane, or `None` for scratch.
+    fn write(&self, acc: &[f32], nb: usize, pos: impl Fn(usize) -> Option<usize>) {
+        let _ = self.wo;
+        let positions: Vec<Option<usize>> = (0..nb).map(pos).collect();
+        for (co, (row, &b)) in acc.chunks_exact(nb).zip(self.bias).enumerate() {
+            let base = co * self.plane;
+            for (&v, p) in row.iter().zip(&positions) {
+                if let Some(p) = *p {
+                    // SAFETY: base + p < cout · plane, and no other band writes it.
+                    unsafe {
+                        let o = self.out.0.add(base + p);
+                        let y = v + b + *o;
+                        *o = if self.relu { y.max(0.0) } else { y };
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Epilogue<'_> {
+    /// Y = Aᵀ·M·A for every (cout, tile) of a band, then bias, residual and ReLU.
+    #[allow(clippy::too_many_arguments)]
+    fn write_winograd(
+        &self,
+        m: &[f32],
+        cout: usize,
+        n: usize,
+        t0: usize,
+        tw: usize,
+        h: usize,
+        w: usize,
+    ) {
+        for (co, &b) in self.bias.iter().enumerate().take(cout) {
+            for j in 0..n {
+                let at = |xi: usize| m[(xi * cout + co) * n + j];
+                let row = |i: usize| [at(4 * i), at(4 * i + 1), at(4 * i + 2), at(4 * i + 3)];
+                let (m0, m1, m2, m3) = (row(0), row(1), row(2), row(3));
+                // Aᵀ·M: rows m0 + m1 + m2 and m1 − m2 − m3; then ·A on the columns.
+                let s0 = add(add(m0, m1), m2);
+                let s1 = sub(sub(m1, m2), m3);
+                let (ty, tx) = ((t0 + j) / tw, (t0 + j) % tw);
+                for (i, s) in [s0, s1].iter().enumerate() {
+                    let y = 2 * ty + i;
+                    if y >= h {
+                        continue;
+                    }
+                    for (jj, val) in [s[0] + s[1] + s[2], s[1] - s[2] - s[3]]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        let xx = 2 * tx + jj;
+                        if xx >= w {
+                            continue;
+                        }
+                        // SAFETY: (co, y, xx) is inside the output and belongs to this band.
+                        unsafe {
+                            let o = self.out.0.add(co * self.plane + y * self.wo + xx);
+                            let r = val + b + *o;
+                            *o = if self.relu { r.max(0.0) } else { r };
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
 /// Zero-pads each of `c` planes of `h × w` by `p` on every side.
 fn pad(x: &[f32], c: usize, h: usize, w: usize, p: usize) -> Vec<f32> {
-    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    pad_to(x, c, h, w, p, h + 2 * p, w + 2 * p)
+}
+
+/// Copies each of `c` planes of `h × w` to offset `(p, p)` of a zeroed `hp × wp` plane.
+fn pad_to(x: &[f32], c: usize, h: usize, w: usize, p: usize, hp: usize, wp: usize) -> Vec<f32> {
     let mut out = vec![0f32; c * hp * wp];
     out.par_chunks_mut(hp * wp)
         .zip(x.par_chunks(h * w))
@@ -225,30 +450,6 @@ fn pad(x: &[f32], c: usize, h: usize, w: usize, p: usize) -> Vec<f32> {
             }
         });
     out
-}
-
-/// Copies `c × ho × wo` into rows of width `wp`.
-fn spread(src: &[f32], dst: &mut [f32], c: usize, ho: usize, wo: usize, wp: usize) {
-    dst.par_chunks_mut(ho * wp)
-        .zip(src.par_chunks(ho * wo))
-        .take(c)
-        .for_each(|(d, s)| {
-            for (y, row) in s.chunks_exact(wo).enumerate() {
-                d[y * wp..][..wo].copy_from_slice(row);
-            }
-        });
-}
-
-/// Copies rows of width `wp` back to `c × ho × wo`.
-fn compact(src: &[f32], dst: &mut [f32], c: usize, ho: usize, wo: usize, wp: usize) {
-    dst.par_chunks_mut(ho * wo)
-        .zip(src.par_chunks(ho * wp))
-        .take(c)
-        .for_each(|(d, s)| {
-            for (y, row) in d.chunks_exact_mut(wo).enumerate() {
-                row.copy_from_slice(&s[y * wp..][..wo]);
-            }
-        });
 }
 
 struct ConvOp<'a> {
@@ -329,6 +530,63 @@ impl CustomOp2 for ConvOp<'_> {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.run(f32_slice(s1, l1)?, l1, Some(f32_slice(s2, l2)?))
+    }
+}
+
+/// `MaxPool2d(3, stride 2, padding 1)` on an f32 CPU tensor in one parallel pass (Candle's
+/// pool has no padding, so it would need two padded copies first). Not differentiable.
+pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&MaxPool)
+}
+
+struct MaxPool;
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "max-pool-3x3-s2-p1"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l)?;
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (ho, wo) = (h.div_ceil(2), w.div_ceil(2));
+        let mut out = vec![0f32; n * c * ho * wo];
+        out.par_chunks_mut(ho * wo)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(dst, plane)| {
+                for (y, row) in dst.chunks_exact_mut(wo).enumerate() {
+                    let ys = (2 * y).saturating_sub(1)..(2 * y + 2).min(h);
+                    for (xo, d) in row.iter_mut().enumerate() {
+                        let xs = (2 * xo).saturating_sub(1)..(2 * xo + 2).min(w);
+                        let mut m = f32::NEG_INFINITY;
+                        for yy in ys.clone() {
+                            for &v in &plane[yy * w + xs.start..yy * w + xs.end] {
+                                m = m.max(v);
+                            }
+                        }
+                        *d = m;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
+    }
+}
+
+/// Makes glibc's malloc keep freed memory for reuse instead of mapping fresh pages for every
+/// large buffer: CPU inference allocates tens of megabytes per layer, and the page faults of
+/// fresh mappings cost as much as the arithmetic of the smaller convolutions. Process-wide
+/// and idempotent; a no-op off glibc.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator parameters.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_MAX, 0);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            }
+        });
     }
 }
 
@@ -459,5 +717,53 @@ mod tests {
         check(8, 16, 1, 2, 0, 9, 13);
         check(5, 7, 3, 1, 1, 1, 1);
         check(5, 7, 3, 2, 1, 2, 3);
+        check(40, 24, 3, 1, 1, 10, 9);
+        check(33, 17, 3, 1, 1, 1, 2);
+    }
+
+    #[test]
+    fn max_pool_matches_padded_candle_pool() {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 12), &Device::Cpu).unwrap();
+        let reference = x
+            .pad_with_same(3, 1, 1)
+            .unwrap()
+            .pad_with_same(2, 1, 1)
+            .unwrap()
+            .max_pool2d_with_stride(3, 2)
+            .unwrap();
+        let ours = max_pool_3x3_s2_p1(&x).unwrap();
+        assert_eq!(ours.dims(), reference.dims());
+        let d = (ours - reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn winograd_matches_direct() {
+        let dev = Device::Cpu;
+        for (h, w) in [(12, 17), (13, 16), (7, 10), (1, 1)] {
+            let x = Tensor::randn(0f32, 1.0, (1, 128, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.05, (48, 128, 3, 3), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, 48, &dev).unwrap();
+            let wino = FusedConv2d::with_winograd(&wt, &b, 1, 1, true).unwrap();
+            let direct = FusedConv2d::with_winograd(&wt, &b, 1, 1, false).unwrap();
+            assert!(wino.winograd.is_some() && direct.winograd.is_none());
+            let a = wino.forward(&x, None, false).unwrap();
+            let d = direct.forward(&x, None, false).unwrap();
+            let err = (&a - &d).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = d
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let rel = err.to_scalar::<f32>().unwrap() / scale;
+            assert!(rel < 2e-6, "{h}×{w}: rel err {rel}");
+        }
     }
 }
