@@ -73,6 +73,26 @@ pub enum Error {
     #[error("{0}")]
     Invalid(String),
 
+    /// A download failed, or offline mode forbade it.
+    #[error("{url}: {message}")]
+    Download {
+        /// The URL of the file.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+
+    /// A downloaded file does not have the expected sha256; it was not cached.
+    #[error("{url}: checksum mismatch: sha256 {actual} does not match the expected {expected}; the file was discarded")]
+    ChecksumMismatch {
+        /// The URL of the file.
+        url: String,
+        /// The expected sha256 (or its published prefix), hex.
+        expected: String,
+        /// The sha256 of the downloaded bytes, hex.
+        actual: String,
+    },
+
     /// COCO evaluation failed.
     #[error(transparent)]
     Eval(#[from] crate::eval::EvalError),

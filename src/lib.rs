@@ -35,9 +35,12 @@ pub mod error;
 pub mod eval;
 pub mod fpn;
 pub mod head;
+pub mod hub;
 pub mod model;
 pub mod postprocess;
+pub mod tiling;
 pub mod transform;
+pub mod zoo;
 
 pub use checkpoint::{Checkpoint, LoadOptions};
 pub use error::{Error, Result};

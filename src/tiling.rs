@@ -1,0 +1,227 @@
+//! Tiled inference for images much larger than the model's input (aerial photos,
+//! microscopy): the image is cut into overlapping tiles, each tile goes through
+//! [`RetinaNet::detect_batch`] as an image of its own, boxes are shifted back into image
+//! pixels and duplicates across tiles are merged with per-class NMS
+//! ([`batched_nms`]).
+//!
+//! Tiles have the same size (the last row and column are moved back to end at the image's
+//! edge), so a batch of tiles needs no padding: with one tile per batch each tile's
+//! detections equal those of the tile cropped and run alone, with larger batches they match
+//! up to the float rounding of the batched convolutions.
+
+use image::RgbImage;
+
+use crate::postprocess::{batched_nms, Detection};
+use crate::{Error, Result, RetinaNet};
+
+/// How to tile.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TileConfig {
+    /// Side of a square tile in image pixels.
+    pub size: u32,
+    /// Pixels shared by neighbouring tiles; objects up to this size lie whole in some tile.
+    pub overlap: u32,
+    /// Tiles per forward pass.
+    pub batch_size: usize,
+    /// IoU above which a box is merged into a better one of its class (across tiles);
+    /// `None` uses the model's NMS threshold.
+    pub merge_iou: Option<f64>,
+    /// Detections kept for the whole image after merging, best first; `None` keeps all (each
+    /// tile is still capped by the model's `detections_per_img`).
+    pub max_detections: Option<usize>,
+}
+
+impl TileConfig {
+    /// Tiles of `size` pixels overlapping by `overlap`, one per batch, merged at the
+    /// model's NMS threshold, uncapped.
+    pub fn new(size: u32, overlap: u32) -> Self {
+        Self {
+            size,
+            overlap,
+            batch_size: 1,
+            merge_iou: None,
+            max_detections: None,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.size == 0 || self.overlap >= self.size || self.batch_size == 0 {
+            return Err(Error::Invalid(format!(
+                "bad tiling: tile size {} and overlap {} (need size > overlap ≥ 0) with batch \
+                 size {} (need ≥ 1)",
+                self.size, self.overlap, self.batch_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A tile: its top-left corner and size in image pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tile {
+    /// Left edge.
+    pub x: u32,
+    /// Top edge.
+    pub y: u32,
+    /// Width.
+    pub width: u32,
+    /// Height.
+    pub height: u32,
+}
+
+/// Start positions along one axis: a stride of `size − overlap`, the last tile moved back to
+/// end at the edge; one tile covering everything when `len ≤ size`.
+fn starts(len: u32, size: u32, overlap: u32) -> Vec<u32> {
+    if len <= size {
+        return vec![0];
+    }
+    let stride = size - overlap;
+    let last = len - size;
+    let mut out: Vec<u32> = (0..)
+        .map(|i| i * stride)
+        .take_while(|&s| s < last)
+        .collect();
+    out.push(last);
+    out
+}
+
+/// The tiles covering a `width × height` image, row by row.
+pub fn tile_grid(width: u32, height: u32, config: &TileConfig) -> Result<Vec<Tile>> {
+    config.validate()?;
+    if width == 0 || height == 0 {
+        return Err(Error::Invalid(format!(
+            "cannot tile an empty {width}×{height} image"
+        )));
+    }
+    let xs = starts(width, config.size, config.overlap);
+    let ys = starts(height, config.size, config.overlap);
+    Ok(ys
+        .iter()
+        .flat_map(|&y| {
+            xs.iter().map(move |&x| Tile {
+                x,
+                y,
+                width: config.size.min(width),
+                height: config.size.min(height),
+            })
+        })
+        .collect())
+}
+
+/// Shifts detections of a tile into image pixels.
+pub fn shift(detections: &mut [Detection], tile: &Tile) {
+    let (dx, dy) = (tile.x as f32, tile.y as f32);
+    for d in detections {
+        d.bbox = [
+            d.bbox[0] + dx,
+            d.bbox[1] + dy,
+            d.bbox[2] + dx,
+            d.bbox[3] + dy,
+        ];
+    }
+}
+
+/// Merges detections from overlapping tiles: per-class NMS at `iou`, best first, at most
+/// `max` kept.
+pub fn merge(detections: Vec<Detection>, iou: f64, max: Option<usize>) -> Vec<Detection> {
+    let boxes: Vec<[f32; 4]> = detections.iter().map(|d| d.bbox).collect();
+    let scores: Vec<f32> = detections.iter().map(|d| d.score).collect();
+    let labels: Vec<usize> = detections.iter().map(|d| d.label).collect();
+    let mut keep = batched_nms(&boxes, &scores, &labels, iou);
+    if let Some(max) = max {
+        keep.truncate(max);
+    }
+    keep.into_iter().map(|i| detections[i]).collect()
+}
+
+/// Detects objects in a large image tile by tile; boxes are in image pixels, best first.
+pub fn detect_tiled(
+    model: &RetinaNet,
+    image: &RgbImage,
+    config: &TileConfig,
+) -> Result<Vec<Detection>> {
+    let tiles = tile_grid(image.width(), image.height(), config)?;
+    let mut all = Vec::new();
+    for chunk in tiles.chunks(config.batch_size) {
+        let crops: Vec<RgbImage> = chunk
+            .iter()
+            .map(|t| image::imageops::crop_imm(image, t.x, t.y, t.width, t.height).to_image())
+            .collect();
+        for (mut dets, tile) in model.detect_batch(&crops)?.into_iter().zip(chunk) {
+            shift(&mut dets, tile);
+            all.extend(dets);
+        }
+    }
+    let iou = config.merge_iou.unwrap_or(model.postprocess.nms_thresh);
+    Ok(merge(all, iou, config.max_detections))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiles_cover_the_image_with_at_least_the_overlap() {
+        let cfg = TileConfig::new(256, 32);
+        for (w, h) in [(1000, 700), (256, 256), (257, 100), (100, 50), (4096, 513)] {
+            let tiles = tile_grid(w, h, &cfg).unwrap();
+            let mut covered = vec![false; (w * h) as usize];
+            for t in &tiles {
+                assert!(
+                    t.x + t.width <= w && t.y + t.height <= h,
+                    "{t:?} in {w}×{h}"
+                );
+                assert_eq!((t.width, t.height), (256.min(w), 256.min(h)));
+                for y in t.y..t.y + t.height {
+                    for x in t.x..t.x + t.width {
+                        covered[(y * w + x) as usize] = true;
+                    }
+                }
+            }
+            assert!(covered.iter().all(|&c| c), "{w}×{h} not covered");
+            let xs = starts(w, 256, 32);
+            for pair in xs.windows(2) {
+                assert!(pair[0] + 256 >= pair[1] + 32, "overlap {xs:?}");
+                assert!(pair[1] > pair[0]);
+            }
+        }
+        assert_eq!(starts(1000, 256, 32), vec![0, 224, 448, 672, 744]);
+        assert_eq!(starts(480, 256, 32), vec![0, 224]);
+    }
+
+    #[test]
+    fn bad_configs_are_errors() {
+        assert!(tile_grid(100, 100, &TileConfig::new(0, 0)).is_err());
+        assert!(tile_grid(100, 100, &TileConfig::new(64, 64)).is_err());
+        assert!(tile_grid(0, 100, &TileConfig::new(64, 8)).is_err());
+        let cfg = TileConfig {
+            batch_size: 0,
+            ..TileConfig::new(64, 8)
+        };
+        assert!(tile_grid(100, 100, &cfg).is_err());
+    }
+
+    #[test]
+    fn merge_keeps_the_best_of_duplicates_per_class() {
+        let det = |x: f32, score: f32, label: usize| Detection {
+            bbox: [x, 0.0, x + 10.0, 10.0],
+            score,
+            label,
+        };
+        let merged = merge(
+            vec![
+                det(0.0, 0.5, 1),
+                det(1.0, 0.9, 1),
+                det(1.0, 0.8, 2),
+                det(50.0, 0.7, 1),
+            ],
+            0.5,
+            None,
+        );
+        assert_eq!(
+            merged,
+            vec![det(1.0, 0.9, 1), det(1.0, 0.8, 2), det(50.0, 0.7, 1)]
+        );
+        assert_eq!(merge(merged.clone(), 0.5, Some(1)), vec![det(1.0, 0.9, 1)]);
+    }
+}

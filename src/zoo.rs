@@ -1,0 +1,357 @@
+//! The model zoo: published weights by name, with where they come from and how to check
+//! them. `weights/README.md` documents the same table.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), retinanet::Error> {
+//! use retinanet::{hub::HubOptions, zoo, LoadOptions};
+//! let entry = zoo::find("retinanet_resnet50_fpn_coco")?;
+//! let hub = HubOptions::from_env()?;
+//! let model = entry.load(&candle_core::Device::Cpu, &LoadOptions::default(), &hub)?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+
+use crate::hub::{self, HubOptions, Source};
+use crate::{Error, LoadOptions, Result, RetinaNet, RetinaNetConfig};
+
+/// What a zoo file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    /// torchvision's `retinanet_resnet50_fpn` layout (v1: P6 from P5, plain heads).
+    RetinaNetV1 {
+        /// ResNet depth.
+        depth: usize,
+    },
+    /// torchvision's `retinanet_resnet50_fpn_v2` layout (P6 from C5, GroupNorm heads).
+    RetinaNetV2 {
+        /// ResNet depth.
+        depth: usize,
+    },
+    /// An ImageNet classifier in torchvision's (and timm's) ResNet naming: `conv1`, `bn1`,
+    /// `layer1`…`layer4`, `fc`. Under the prefix `backbone.body.` its tensors (less `fc`)
+    /// initialise a RetinaNet backbone for fine-tuning.
+    ResNet {
+        /// ResNet depth.
+        depth: usize,
+    },
+}
+
+impl Architecture {
+    /// The detector configuration for `num_classes`, or `None` for a backbone.
+    pub fn retinanet_config(&self, num_classes: usize) -> Option<Result<RetinaNetConfig>> {
+        match *self {
+            Architecture::RetinaNetV1 { depth } => Some(RetinaNetConfig::v1(depth, num_classes)),
+            Architecture::RetinaNetV2 { depth } => Some(RetinaNetConfig::v2(depth, num_classes)),
+            Architecture::ResNet { .. } => None,
+        }
+    }
+
+    /// A short description, e.g. `RetinaNet ResNet-50 FPN v1`.
+    pub fn describe(&self) -> String {
+        match self {
+            Architecture::RetinaNetV1 { depth } => format!("RetinaNet ResNet-{depth} FPN v1"),
+            Architecture::RetinaNetV2 { depth } => format!("RetinaNet ResNet-{depth} FPN v2"),
+            Architecture::ResNet { depth } => format!("ResNet-{depth} (ImageNet classifier)"),
+        }
+    }
+}
+
+/// The label set a zoo model predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Classes {
+    /// COCO in torchvision's 91-index order (label = COCO category id), see
+    /// [`crate::classes::COCO_91`].
+    Coco91,
+    /// The 1000 ImageNet-1k classes of a classifier; a detector built on it replaces them.
+    ImageNet1k,
+}
+
+impl Classes {
+    /// Number of classes.
+    pub fn len(&self) -> usize {
+        match self {
+            Classes::Coco91 => crate::classes::COCO_91.len(),
+            Classes::ImageNet1k => 1000,
+        }
+    }
+
+    /// Never empty; present for clippy's `len_without_is_empty`.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The names by label, where the crate ships them (COCO).
+    pub fn names(&self) -> Option<&'static [&'static str]> {
+        match self {
+            Classes::Coco91 => Some(&crate::classes::COCO_91),
+            Classes::ImageNet1k => None,
+        }
+    }
+}
+
+/// A published accuracy figure.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Accuracy {
+    /// What was measured, e.g. `COCO val2017 box AP`.
+    pub metric: &'static str,
+    /// The published value (percent).
+    pub value: f64,
+}
+
+/// One zoo model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ZooEntry {
+    /// Name used on the command line, e.g. `retinanet_resnet50_fpn_coco`.
+    pub name: &'static str,
+    /// What the file holds.
+    pub architecture: Architecture,
+    /// Label set.
+    pub classes: Classes,
+    /// Accuracy as published by the source.
+    pub accuracy: Accuracy,
+    /// Where the file comes from.
+    pub source: Source,
+    /// Expected sha256 of the file, hex: in full, or the prefix the publisher put in the
+    /// file name (torchvision: 8 digits).
+    pub sha256: &'static str,
+}
+
+const fn torchvision(
+    name: &'static str,
+    architecture: Architecture,
+    classes: Classes,
+    metric: &'static str,
+    value: f64,
+    file: &'static str,
+    sha256: &'static str,
+) -> ZooEntry {
+    ZooEntry {
+        name,
+        architecture,
+        classes,
+        accuracy: Accuracy { metric, value },
+        source: Source::Torchvision { file },
+        sha256,
+    }
+}
+
+const COCO_AP: &str = "COCO val2017 box AP";
+const IMAGENET_TOP1: &str = "ImageNet-1k top-1";
+
+const fn resnet(
+    name: &'static str,
+    depth: usize,
+    top1: f64,
+    file: &'static str,
+    sha256: &'static str,
+) -> ZooEntry {
+    torchvision(
+        name,
+        Architecture::ResNet { depth },
+        Classes::ImageNet1k,
+        IMAGENET_TOP1,
+        top1,
+        file,
+        sha256,
+    )
+}
+
+/// Every zoo model. File names, hash prefixes and accuracies are torchvision's own
+/// (`torchvision.models.*_Weights`, torchvision 0.29).
+pub const ZOO: &[ZooEntry] = &[
+    torchvision(
+        "retinanet_resnet50_fpn_coco",
+        Architecture::RetinaNetV1 { depth: 50 },
+        Classes::Coco91,
+        COCO_AP,
+        36.4,
+        "retinanet_resnet50_fpn_coco-eeacb38b.pth",
+        "eeacb38b",
+    ),
+    torchvision(
+        "retinanet_resnet50_fpn_v2_coco",
+        Architecture::RetinaNetV2 { depth: 50 },
+        Classes::Coco91,
+        COCO_AP,
+        41.5,
+        "retinanet_resnet50_fpn_v2_coco-5905b1c5.pth",
+        "5905b1c5",
+    ),
+    resnet(
+        "resnet18_imagenet1k_v1",
+        18,
+        69.758,
+        "resnet18-f37072fd.pth",
+        "f37072fd",
+    ),
+    resnet(
+        "resnet34_imagenet1k_v1",
+        34,
+        73.314,
+        "resnet34-b627a593.pth",
+        "b627a593",
+    ),
+    resnet(
+        "resnet50_imagenet1k_v1",
+        50,
+        76.130,
+        "resnet50-0676ba61.pth",
+        "0676ba61",
+    ),
+    resnet(
+        "resnet50_imagenet1k_v2",
+        50,
+        80.858,
+        "resnet50-11ad3fa6.pth",
+        "11ad3fa6",
+    ),
+    resnet(
+        "resnet101_imagenet1k_v1",
+        101,
+        77.374,
+        "resnet101-63fe2227.pth",
+        "63fe2227",
+    ),
+    resnet(
+        "resnet101_imagenet1k_v2",
+        101,
+        81.886,
+        "resnet101-cd907fc2.pth",
+        "cd907fc2",
+    ),
+    resnet(
+        "resnet152_imagenet1k_v1",
+        152,
+        78.312,
+        "resnet152-394f9c45.pth",
+        "394f9c45",
+    ),
+    resnet(
+        "resnet152_imagenet1k_v2",
+        152,
+        82.284,
+        "resnet152-f82ba261.pth",
+        "f82ba261",
+    ),
+];
+
+/// The default detector of the command-line tools.
+pub const DEFAULT_MODEL: &str = "retinanet_resnet50_fpn_coco";
+
+/// The zoo entry called `name`, or an error listing the known names.
+pub fn find(name: &str) -> Result<&'static ZooEntry> {
+    ZOO.iter().find(|e| e.name == name).ok_or_else(|| {
+        let names: Vec<&str> = ZOO.iter().map(|e| e.name).collect();
+        Error::Invalid(format!(
+            "unknown model {name:?}; the zoo has: {}",
+            names.join(", ")
+        ))
+    })
+}
+
+impl ZooEntry {
+    /// Whether this is a detector (as opposed to a backbone for fine-tuning).
+    pub fn is_detector(&self) -> bool {
+        self.architecture.retinanet_config(0).is_some()
+    }
+
+    /// The download URL under `opts`.
+    pub fn url(&self, opts: &HubOptions) -> String {
+        self.source.url(opts)
+    }
+
+    /// The verified local file, downloaded once into the cache.
+    pub fn fetch(&self, opts: &HubOptions) -> Result<PathBuf> {
+        hub::fetch(&self.source, Some(self.sha256), opts)
+    }
+
+    /// Downloads (once) and loads the detector, with its architecture and batch-norm eps
+    /// unless `opts` sets them.
+    pub fn load(&self, device: &Device, opts: &LoadOptions, hub: &HubOptions) -> Result<RetinaNet> {
+        let config = self
+            .architecture
+            .retinanet_config(self.classes.len())
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{} is an ImageNet backbone for fine-tuning, not a detector",
+                    self.name
+                ))
+            })??;
+        let path = self.fetch(hub)?;
+        let opts = LoadOptions {
+            config: opts.config.clone().or(Some(config)),
+            ..opts.clone()
+        };
+        RetinaNet::load_with(path, device, &opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_found() {
+        for (i, e) in ZOO.iter().enumerate() {
+            assert_eq!(find(e.name).unwrap(), e);
+            assert!(ZOO[..i].iter().all(|o| o.name != e.name), "{}", e.name);
+        }
+        let err = find("retinanet_nope").unwrap_err().to_string();
+        assert!(
+            err.contains("retinanet_nope") && err.contains(DEFAULT_MODEL),
+            "{err}"
+        );
+        assert!(find(DEFAULT_MODEL).unwrap().is_detector());
+    }
+
+    #[test]
+    fn torchvision_checksums_are_the_prefix_in_the_file_name() {
+        for e in ZOO {
+            let Source::Torchvision { file } = e.source else {
+                continue;
+            };
+            // torchvision's `check_hash`: the digits between the last '-' and the extension.
+            let stem = file.strip_suffix(".pth").unwrap();
+            let prefix = stem.rsplit('-').next().unwrap();
+            assert_eq!(prefix, e.sha256, "{}", e.name);
+            assert!(prefix.len() >= 8 && prefix.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+    }
+
+    #[test]
+    fn detectors_have_configs_and_backbones_refuse_to_load() {
+        let v1 = find("retinanet_resnet50_fpn_coco").unwrap();
+        let c = v1.architecture.retinanet_config(91).unwrap().unwrap();
+        assert_eq!(
+            (c.num_classes, c.head_group_norm, c.bn_eps),
+            (91, false, 0.0)
+        );
+        let v2 = find("retinanet_resnet50_fpn_v2_coco").unwrap();
+        assert!(
+            v2.architecture
+                .retinanet_config(91)
+                .unwrap()
+                .unwrap()
+                .head_group_norm
+        );
+        let backbone = find("resnet50_imagenet1k_v2").unwrap();
+        assert!(!backbone.is_detector());
+        let hub = HubOptions {
+            hf_cache: "/nonexistent".into(),
+            hf_endpoint: "http://127.0.0.1:9".into(),
+            hf_token: None,
+            torch_cache: "/nonexistent".into(),
+            torchvision_url: "http://127.0.0.1:9".into(),
+            offline: true,
+            progress: false,
+        };
+        let err = backbone
+            .load(&Device::Cpu, &LoadOptions::default(), &hub)
+            .unwrap_err();
+        assert!(err.to_string().contains("not a detector"), "{err}");
+    }
+}
