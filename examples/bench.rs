@@ -1,71 +1,131 @@
-//! Times `detect` on one image: median milliseconds over several runs after a warm-up.
+//! Times one job of the CPU benchmark and prints a JSON line; `scripts/bench.sh` runs it beside
+//! torchvision (`scripts/bench_torchvision.py`) on the same weights, images and threads.
 //!
 //! ```text
-//! RAYON_NUM_THREADS=2 cargo run --release --example bench -- --weights W --image I
+//! RAYON_NUM_THREADS=2 cargo run --release --example bench -- --weights W --image I \
+//!     [--mode detect|postprocess|matmul] [--min-size 800] [--max-size 1333] [--batch 1]
 //! ```
-//! Prints one JSON line; `scripts/bench.sh` runs it beside torchvision.
+//! `detect` times preprocess + network + post-processing for a batch of copies of the image;
+//! `postprocess` the post-processing alone; `matmul` a 2048³ f32 matrix product (the
+//! machine's gemm peak as Candle reaches it). `peak_rss_mb` is the process's high-water mark.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use clap::Parser;
-use retinanet::{LoadOptions, RetinaNet};
+use retinanet::{LoadOptions, RetinaNet, TransformConfig};
 
 #[derive(Parser, Debug)]
 struct Args {
     /// Checkpoint.
     #[arg(long)]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
     /// Image to detect on.
     #[arg(long)]
-    image: PathBuf,
+    image: Option<PathBuf>,
+    /// What to time.
+    #[arg(long, default_value = "detect")]
+    mode: String,
+    /// Short side after resizing.
+    #[arg(long, default_value_t = 800)]
+    min_size: usize,
+    /// Upper bound on the long side.
+    #[arg(long, default_value_t = 1333)]
+    max_size: usize,
+    /// Copies of the image per batch.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Timed runs.
-    #[arg(long, default_value_t = 7)]
+    #[arg(long, default_value_t = 5)]
     runs: usize,
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The process's peak resident set (VmHWM), in MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+fn time_runs(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..args.warmup {
+        f()?;
+    }
+    (0..args.runs)
+        .map(|_| {
+            let t = Instant::now();
+            f()?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect()
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
-    let model = RetinaNet::load_with(&args.weights, &Device::Cpu, &LoadOptions::default())?;
-    let image = image::open(&args.image)
-        .with_context(|| format!("cannot read {}", args.image.display()))?
-        .to_rgb8();
-    let detect = || -> Result<(f64, f64, f64, usize)> {
-        let t0 = Instant::now();
-        let batch = model.preprocess(std::slice::from_ref(&image))?;
-        let raw = model.forward_raw(&batch)?;
-        let t1 = Instant::now();
-        let dets = model.postprocess(&raw, &batch)?;
-        let t2 = Instant::now();
-        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
-        Ok((ms(t0, t2), ms(t0, t1), ms(t1, t2), dets[0].len()))
-    };
-    for _ in 0..args.warmup {
-        detect()?;
-    }
-    let mut runs = Vec::with_capacity(args.runs);
-    for _ in 0..args.runs {
-        runs.push(detect()?);
-    }
-    let median = |f: fn(&(f64, f64, f64, usize)) -> f64| {
-        let mut v: Vec<f64> = runs.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+    let times = if args.mode == "matmul" {
+        let a = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu)?;
+        time_runs(&args, || {
+            a.matmul(&b)?;
+            Ok(())
+        })?
+    } else {
+        let weights = args.weights.as_ref().context("--weights is required")?;
+        let path = args.image.as_ref().context("--image is required")?;
+        let opts = LoadOptions {
+            transform: TransformConfig {
+                min_size: args.min_size,
+                max_size: args.max_size,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let model = RetinaNet::load_with(weights, &Device::Cpu, &opts)?;
+        let image = image::open(path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .to_rgb8();
+        let images = vec![image; args.batch];
+        match args.mode.as_str() {
+            "detect" => time_runs(&args, || {
+                model.detect_batch(&images)?;
+                Ok(())
+            })?,
+            "postprocess" => {
+                let batch = model.preprocess(&images)?;
+                let raw = model.forward_raw(&batch)?;
+                time_runs(&args, || {
+                    model.postprocess(&raw, &batch)?;
+                    Ok(())
+                })?
+            }
+            m => anyhow::bail!("unknown --mode {m}"),
+        }
     };
     println!(
         "{}",
         serde_json::json!({
-            "impl": "retinanet (candle)",
-            "ms_median": median(|r| r.0),
-            "ms_network_median": median(|r| r.1),
-            "ms_postprocess_median": median(|r| r.2),
-            "ms_all": runs.iter().map(|r| r.0).collect::<Vec<_>>(),
-            "detections": runs[0].3,
+            "impl": "retinanet",
+            "mode": args.mode,
+            "batch": args.batch,
+            "min_size": args.min_size,
+            "ms_median": median(times.clone()),
+            "ms_all": times,
+            "peak_rss_mb": peak_rss_mb(),
         })
     );
     Ok(())

@@ -1,30 +1,74 @@
 #!/usr/bin/env bash
-# Side-by-side timing of our detect and torchvision's on the same weights, image and thread
-# count (2 by default). Run on an idle machine: anything else on the cores skews both.
-# Usage: scripts/bench.sh [THREADS] [RUNS]
+# CPU benchmark: our detect against torchvision's, side by side on the same weights (the
+# R50-FPN v1 parity fixture), images and thread count. Each row runs both implementations in
+# alternating rounds (separate processes, so peak memory is per job) and reports the median of
+# the per-round ratios. Run it on an idle machine: anything else on the cores skews both.
+# Usage: scripts/bench.sh [THREADS] [ROUNDS] [RUNS_PER_ROUND]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 threads="${1:-2}"
-runs="${2:-7}"
+rounds="${2:-3}"
+runs="${3:-3}"
 py="$(bash scripts/venv.sh)"
 fixtures="${RETINANET_FIXTURES:-$PWD/target/fixtures}"
 weights="$fixtures/parity/v1_r50_coco/model.safetensors"
 [ -f "$weights" ] || { echo "missing $weights: run bash scripts/test.sh first" >&2; exit 1; }
 mkdir -p target/bench
 image=target/bench/person_640x480.png
-# A 640×480 photo: resized to 800×1066 and padded to 800×1088, as in the issue's benchmark.
-"$py" -c "from PIL import Image; Image.open('../shared/data/photos/darknet_person.jpg').convert('RGB').resize((640, 480), Image.BILINEAR).save('$image')"
+square=target/bench/person_512x512.png
+# A 640×480 photo (resized to 800×1066, padded 800×1088) and a 512×512 one (min/max 512).
+"$py" - <<PY
+from PIL import Image
+im = Image.open('../shared/data/photos/darknet_person.jpg').convert('RGB')
+im.resize((640, 480), Image.BILINEAR).save('$image')
+im.resize((512, 512), Image.BILINEAR).save('$square')
+PY
 cargo build --release --example bench -q
-ours="$(RAYON_NUM_THREADS=$threads ./target/release/examples/bench --weights "$weights" --image "$image" --runs "$runs")"
-theirs="$(OMP_NUM_THREADS=$threads "$py" scripts/bench_torchvision.py --weights "$weights" --image "$image" --runs "$runs" --threads "$threads")"
-echo "$ours"
-echo "$theirs"
-"$py" - "$ours" "$theirs" "$threads" <<'PY'
-import json, sys
-o, t, n = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
-print(f"| detect R50-FPN v1, 640x480 -> 800x1088, {n} threads | ms/image (median) |")
-print("|---|---|")
-print(f"| {o['impl']} | {o['ms_median']:.0f} (network {o['ms_network_median']:.0f}, post-processing {o['ms_postprocess_median']:.1f}) |")
-print(f"| {t['impl']} | {t['ms_median']:.0f} |")
-print(f"| ratio ours/torchvision | {o['ms_median'] / t['ms_median']:.2f} |")
+export RAYON_NUM_THREADS="$threads" OMP_NUM_THREADS="$threads"
+out=target/bench/results.jsonl
+: > "$out"
+run_row() { # name, args...
+  local name="$1"; shift
+  for r in $(seq "$rounds"); do
+    ours="$(./target/release/examples/bench --runs "$runs" "$@")"
+    theirs="$("$py" scripts/bench_torchvision.py --threads "$threads" --runs "$runs" "$@")"
+    echo "{\"row\": \"$name\", \"round\": $r, \"ours\": $ours, \"theirs\": $theirs}" >> "$out"
+  done
+}
+common=(--weights "$weights")
+run_row "detect 800x1066, batch 1" "${common[@]}" --image "$image" --mode detect
+run_row "detect 800x1066, batch 4" "${common[@]}" --image "$image" --mode detect --batch 4
+run_row "detect 512x512, batch 1" "${common[@]}" --image "$square" --mode detect --min-size 512 --max-size 512
+run_row "detect 512x512, batch 4" "${common[@]}" --image "$square" --mode detect --min-size 512 --max-size 512 --batch 4
+run_row "post-processing alone, 800x1066" "${common[@]}" --image "$image" --mode postprocess
+run_row "sgemm 2048^3 (peak)" --mode matmul
+macs="$("$py" scripts/bench_torchvision.py --mode macs "${common[@]}" --image "$image" --runs 1 --warmup 0)"
+"$py" - "$out" "$macs" "$threads" <<'PY'
+import json, statistics, sys, collections
+rows = collections.OrderedDict()
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    rows.setdefault(r["row"], []).append(r)
+macs = json.loads(sys.argv[2])["macs"]
+print(f"threads: {sys.argv[3]}; convolution MACs of one 800x1066 detect: {macs / 1e9:.1f} G")
+print("| job | ours ms | torchvision ms | ours/torchvision (median of rounds) | ours peak MB | torchvision peak MB |")
+print("|---|---|---|---|---|---|")
+gemm, det = {}, None
+for name, rs in rows.items():
+    o = statistics.median(r["ours"]["ms_median"] for r in rs)
+    t = statistics.median(r["theirs"]["ms_median"] for r in rs)
+    ratio = statistics.median(r["ours"]["ms_median"] / r["theirs"]["ms_median"] for r in rs)
+    om = max(r["ours"]["peak_rss_mb"] for r in rs)
+    tm = max(r["theirs"]["peak_rss_mb"] for r in rs)
+    print(f"| {name} | {o:.1f} | {t:.1f} | {ratio:.2f} | {om:.0f} | {tm:.0f} |")
+    if name.startswith("sgemm"):
+        gemm = {"ours": 2 * 2048**3 / o / 1e6, "theirs": 2 * 2048**3 / t / 1e6}
+    if name == "detect 800x1066, batch 1":
+        det = (o, t)
+if gemm and det:
+    o, t = det
+    print(f"sgemm peak: ours {gemm['ours']:.0f} GFLOP/s, torchvision {gemm['theirs']:.0f} GFLOP/s")
+    print(f"detect 800x1066 (direct-conv FLOPs / time): ours {2 * macs / o / 1e6:.0f} GFLOP/s "
+          f"({2 * macs / o / 1e6 / gemm['ours'] * 100:.0f}% of our gemm peak), torchvision "
+          f"{2 * macs / t / 1e6:.0f} GFLOP/s ({2 * macs / t / 1e6 / gemm['theirs'] * 100:.0f}% of its peak)")
 PY

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Times torchvision's RetinaNet on one image: median ms over several runs after a warm-up.
+"""Times one job of the CPU benchmark with torchvision and prints a JSON line (the counterpart
+of examples/bench.rs; scripts/bench.sh runs both).
 
-Usage: bench_torchvision.py --weights DIR/model.safetensors --config v1_r50_coco --image I
+Modes: detect (transform + network + post-processing for a batch of copies of the image),
+postprocess (post-processing alone), matmul (a 2048^3 f32 product: the sgemm peak), macs (count
+the convolution multiply-accumulates of one detect, with forward hooks).
 The weights and architecture are those of a parity fixture (scripts/make_parity_fixtures.py).
 """
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -13,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image
 from safetensors.torch import load_file
 from torchvision.models.detection._utils import overwrite_eps
@@ -22,35 +27,86 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_parity_fixtures as fx  # noqa: E402
 
 
+def load_model(weights, config, min_size, max_size):
+    cfg = dict(next(c for c in fx.CONFIGS if c["name"] == config))
+    cfg["size"] = (min_size, max_size)
+    model = fx.build(cfg, FrozenBatchNorm2d if cfg["version"] == 1 else torch.nn.BatchNorm2d)
+    model.load_state_dict(load_file(weights), strict=False)
+    if cfg["version"] == 1:
+        overwrite_eps(model, cfg["eps"])
+    return model.eval()
+
+
+def timed(fn, warmup, runs):
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def count_macs(model, images):
+    macs = []
+
+    def hook(m, inp, out):
+        k = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
+        macs.append(out.numel() * k)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    model(images)
+    for h in handles:
+        h.remove()
+    return sum(macs)
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights")
     p.add_argument("--config", default="v1_r50_coco")
-    p.add_argument("--image", required=True)
-    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--image")
+    p.add_argument("--mode", default="detect")
+    p.add_argument("--min-size", type=int, default=800)
+    p.add_argument("--max-size", type=int, default=1333)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = dict(next(c for c in fx.CONFIGS if c["name"] == a.config))
-    cfg["size"] = (800, 1333)
-    model = fx.build(cfg, FrozenBatchNorm2d if cfg["version"] == 1 else torch.nn.BatchNorm2d)
-    model.load_state_dict(load_file(a.weights), strict=False)
-    if cfg["version"] == 1:
-        overwrite_eps(model, cfg["eps"])
-    model.eval()
-    img = torch.from_numpy(np.array(Image.open(a.image).convert("RGB"))).permute(2, 0, 1).float() / 255.0
-    times = []
+    result = {"impl": f"torchvision {torchvision.__version__}", "mode": a.mode, "batch": a.batch,
+              "min_size": a.min_size}
     with torch.inference_mode():
-        for i in range(a.warmup + a.runs):
-            t0 = time.perf_counter()
-            out = model([img])
-            dt = (time.perf_counter() - t0) * 1e3
-            if i >= a.warmup:
-                times.append(dt)
-    print(json.dumps({"impl": f"torchvision {__import__('torchvision').__version__}",
-                      "ms_median": statistics.median(times), "ms_all": times,
-                      "detections": int(out[0]["boxes"].shape[0])}))
+        if a.mode == "matmul":
+            x, y = torch.randn(2048, 2048), torch.randn(2048, 2048)
+            times = timed(lambda: x @ y, a.warmup, a.runs)
+        else:
+            model = load_model(a.weights, a.config, a.min_size, a.max_size)
+            img = torch.from_numpy(np.array(Image.open(a.image).convert("RGB"))).permute(2, 0, 1).float() / 255.0
+            images = [img] * a.batch
+            if a.mode == "detect":
+                times = timed(lambda: model(images), a.warmup, a.runs)
+            elif a.mode == "macs":
+                result["macs"] = count_macs(model, images)
+                times = [0.0]
+            elif a.mode == "postprocess":
+                image_list, _ = model.transform(images)
+                features = list(model.backbone(image_list.tensors).values())
+                head = model.head(features)
+                anchors = model.anchor_generator(image_list, features)
+                hw = [f.size(2) * f.size(3) for f in features]
+                a_per = head["cls_logits"].size(1) // sum(hw)
+                split_head = {k: list(v.split([n * a_per for n in hw], dim=1)) for k, v in head.items()}
+                split_anchors = [list(x.split([n * a_per for n in hw])) for x in anchors]
+                times = timed(lambda: model.postprocess_detections(split_head, split_anchors, image_list.image_sizes),
+                              a.warmup, a.runs)
+            else:
+                raise SystemExit(f"unknown --mode {a.mode}")
+    result.update({"ms_median": statistics.median(times), "ms_all": times,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0})
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
