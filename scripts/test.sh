@@ -21,6 +21,7 @@ make_fixtures() {
   fi
 }
 make_fixtures make_parity_fixtures.py parity
+make_fixtures make_train_fixtures.py train
 if [ -f scripts/make_eval_fixtures.py ]; then
   make_fixtures make_eval_fixtures.py eval
 fi

@@ -610,7 +610,7 @@ impl Conv {
         match self {
             Conv::Fused(f) => f.forward(x, residual, relu),
             Conv::Plain(c) => {
-                let mut y = c.forward(x)?;
+                let mut y = plain_forward(c, x)?;
                 if let Some(r) = residual {
                     y = (y + r)?;
                 }
@@ -651,6 +651,34 @@ impl Conv {
         *self = Conv::Fused(FusedConv2d::new(&weight, &bias, cfg.stride, cfg.padding)?);
         Ok(())
     }
+}
+
+/// Candle's convolution, made safe to differentiate. Candle 0.11's conv2d backward takes
+/// the output padding of its transposed convolution from the height alone, so a strided
+/// convolution whose height and width leave different remainders (P6/P7 on, say, a 25 × 34
+/// P5) fails in backward. With a variable weight such a convolution runs at stride 1 and
+/// keeps every `stride`-th row and column: the same values, with a backward that works.
+fn plain_forward(c: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
+    let cfg = c.config();
+    let s = cfg.stride;
+    let (_, _, h, w) = x.dims4()?;
+    let k = c.weight().dim(2)?;
+    let span = |i: usize| (i + 2 * cfg.padding).checked_sub(cfg.dilation * (k - 1) + 1);
+    let (Some(sh), Some(sw)) = (span(h), span(w)) else {
+        return c.forward(x);
+    };
+    if s == 1 || !c.weight().is_variable() || sh % s == sw % s {
+        return c.forward(x);
+    }
+    let dense = candle_nn::Conv2d::new(
+        c.weight().clone(),
+        c.bias().cloned(),
+        candle_nn::Conv2dConfig { stride: 1, ..*cfg },
+    );
+    let y = dense.forward(x)?;
+    let pick = |n: usize| Tensor::arange_step(0u32, n as u32, s as u32, x.device());
+    y.index_select(&pick(sh + 1)?, 2)?
+        .index_select(&pick(sw + 1)?, 3)
 }
 
 impl Module for Conv {

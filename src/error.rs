@@ -93,6 +93,21 @@ pub enum Error {
         actual: String,
     },
 
+    /// Training met a NaN or infinite loss; the weights were not updated.
+    #[error("non-finite loss at step {step} (classification {classification}, box {box_regression}) on images [{}]; last good checkpoint: {}", images.join(", "), checkpoint.as_ref().map_or_else(|| "none saved".to_string(), |p| p.display().to_string()))]
+    NonFiniteLoss {
+        /// The step (0-based) whose loss was not finite.
+        step: usize,
+        /// The classification loss.
+        classification: f32,
+        /// The box loss.
+        box_regression: f32,
+        /// Ids of the batch's images.
+        images: Vec<String>,
+        /// The last checkpoint written, if any.
+        checkpoint: Option<PathBuf>,
+    },
+
     /// COCO evaluation failed.
     #[error(transparent)]
     Eval(#[from] crate::eval::EvalError),

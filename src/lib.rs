@@ -39,6 +39,7 @@ pub mod hub;
 pub mod model;
 pub mod postprocess;
 pub mod tiling;
+pub mod train;
 pub mod transform;
 pub mod zoo;
 

@@ -1,0 +1,518 @@
+//! The parameters of a RetinaNet in training: their initial values, where they come from, and
+//! which of them train.
+//!
+//! A [`ParamStore`] holds every tensor of the model under torchvision's names. Trained ones
+//! are Candle [`Var`]s; frozen ones (the backbone stages torchvision freezes, and every
+//! frozen batch-norm buffer) are plain tensors, so autograd neither computes their gradients
+//! nor back-propagates below the first trained layer. The model is built from the store with
+//! [`ParamStore::var_builder`], and sees optimiser updates because a `Var` is updated in place.
+//!
+//! New layers are initialised as torchvision does: head convs N(0, 0.01) with zero biases,
+//! the classification bias at −ln((1 − π)/π) with π = 0.01, FPN convs Kaiming-uniform
+//! (a = 1) with zero biases, and, from scratch, backbone convs Kaiming-normal (fan-out) with
+//! identity batch norm.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+use crate::checkpoint::Checkpoint;
+use crate::model::{RetinaNet, RetinaNetConfig};
+use crate::{Error, Result};
+
+/// Prior probability of the classification bias.
+pub const PRIOR_PROBABILITY: f64 = 0.01;
+
+/// Where the initial weights come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Start {
+    /// Everything freshly initialised (identity frozen batch norm in the backbone).
+    Scratch,
+    /// A full RetinaNet checkpoint (torchvision layout). With another class count,
+    /// `cls_logits` is re-initialised with the prior.
+    RetinaNet(std::path::PathBuf),
+    /// An ImageNet ResNet checkpoint (torchvision or timm names: `conv1.weight`,
+    /// `layer1.0.conv1.weight`, `bn1.running_mean`, …; `fc.*` is ignored); FPN and heads new.
+    Backbone(std::path::PathBuf),
+}
+
+/// What initialisation did, for the user.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InitReport {
+    /// Tensors read from the checkpoint.
+    pub loaded: usize,
+    /// Tensors freshly initialised.
+    pub initialised: usize,
+    /// Notes worth telling (e.g. a re-initialised classifier).
+    pub notes: Vec<String>,
+}
+
+/// Every tensor of a model in training, by torchvision name.
+#[derive(Debug, Clone)]
+pub struct ParamStore {
+    frozen: BTreeMap<String, Tensor>,
+    trained: BTreeMap<String, Var>,
+    device: Device,
+    dtype: DType,
+}
+
+/// Whether `name` (a full torchvision name) is a batch-norm tensor of the backbone.
+fn is_backbone_norm(name: &str) -> bool {
+    name.starts_with("backbone.body.") && (name.contains(".bn") || name.contains("downsample.1."))
+        || name.starts_with("backbone.body.bn1.")
+}
+
+/// Whether `name` trains with `trainable_backbone_layers` (torchvision: the last that many of
+/// layer4, layer3, layer2, layer1, conv1). Frozen batch norm never trains; FPN and heads do.
+pub fn is_trainable(name: &str, trainable_backbone_layers: usize) -> bool {
+    let Some(rest) = name.strip_prefix("backbone.body.") else {
+        return true;
+    };
+    if is_backbone_norm(name) {
+        return false;
+    }
+    ["layer4", "layer3", "layer2", "layer1", "conv1"]
+        .iter()
+        .take(trainable_backbone_layers)
+        .any(|l| rest.starts_with(&format!("{l}.")))
+}
+
+/// Names and shapes of every tensor `RetinaNet::new` asks for.
+pub fn model_shapes(config: &RetinaNetConfig) -> Result<BTreeMap<String, Vec<usize>>> {
+    let recorder = Recorder::default();
+    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
+    RetinaNet::new(config, vb)?;
+    let shapes = recorder.0.lock().map(|s| s.clone()).unwrap_or_default();
+    Ok(shapes)
+}
+
+#[derive(Clone, Default)]
+struct Recorder(std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<usize>>>>);
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Ok(mut m) = self.0.lock() {
+            m.insert(name.to_string(), s.dims().to_vec());
+        }
+        Tensor::zeros(s, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("unchecked access to `{name}` while recording shapes")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// A small seeded generator (SplitMix64) so that initialisation is reproducible.
+#[derive(Debug, Clone)]
+pub struct InitRng(u64);
+
+impl InitRng {
+    /// A generator from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn normal_vec(&mut self, n: usize, std: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                // Box–Muller.
+                let u1 = 1.0 - self.uniform();
+                let u2 = self.uniform();
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+            })
+            .collect()
+    }
+
+    fn uniform_vec(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| ((2.0 * self.uniform() - 1.0) * bound) as f32)
+            .collect()
+    }
+}
+
+/// torchvision's initial value of a new tensor, by name.
+fn fresh(name: &str, shape: &[usize], rng: &mut InitRng) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let leaf = name.rsplit('.').next().unwrap_or("");
+    let data = if is_backbone_norm(name) || name.contains("_head.conv.") && name.contains(".1.") {
+        // Batch norm (identity) and GroupNorm: weight 1, bias 0, mean 0, var 1.
+        let v = if matches!(leaf, "weight" | "running_var") {
+            1.0
+        } else {
+            0.0
+        };
+        vec![v; n]
+    } else if leaf == "bias" {
+        let v = if name.ends_with("cls_logits.bias") {
+            -((1.0 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY).ln() as f32
+        } else {
+            0.0
+        };
+        vec![v; n]
+    } else if name.starts_with("head.") {
+        rng.normal_vec(n, 0.01)
+    } else if name.starts_with("backbone.fpn.") {
+        // kaiming_uniform_(a=1): bound √(3 / fan_in).
+        let fan_in: usize = shape[1..].iter().product();
+        rng.uniform_vec(n, (3.0 / fan_in as f64).sqrt())
+    } else {
+        // Backbone conv: kaiming_normal_(mode="fan_out", nonlinearity="relu").
+        let fan_out = shape[0] * shape[2..].iter().product::<usize>();
+        rng.normal_vec(n, (2.0 / fan_out as f64).sqrt())
+    };
+    Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// Reads `name` from `ckpt` if it is there with `shape`.
+fn read(ckpt: &Checkpoint, vb: &VarBuilder, name: &str, shape: &[usize]) -> Result<Tensor> {
+    vb.get(shape, name).map_err(|e| Error::Checkpoint {
+        path: ckpt.path().to_path_buf(),
+        message: format!("cannot read `{name}`: {e}"),
+    })
+}
+
+/// Initial values of every tensor of `config`, from `start`.
+pub fn initial_values(
+    config: &RetinaNetConfig,
+    start: &Start,
+    seed: u64,
+) -> Result<(BTreeMap<String, Tensor>, InitReport)> {
+    let shapes = model_shapes(config)?;
+    let mut rng = InitRng::new(seed);
+    let mut report = InitReport::default();
+    let mut values = BTreeMap::new();
+    let ckpt = match start {
+        Start::Scratch => None,
+        Start::RetinaNet(p) | Start::Backbone(p) => Some(Checkpoint::open(p)?),
+    };
+    let vb = ckpt
+        .as_ref()
+        .map(|c| c.var_builder(DType::F32, &Device::Cpu).0);
+    let mut used = BTreeSet::new();
+    for (name, shape) in &shapes {
+        // The checkpoint name this tensor would have, if the start provides it.
+        let source = match start {
+            Start::Scratch => None,
+            Start::RetinaNet(_) => Some(name.clone()),
+            Start::Backbone(_) => name.strip_prefix("backbone.body.").map(str::to_string),
+        };
+        let value = match (&ckpt, &vb, source) {
+            (Some(c), Some(vb), Some(src)) => match c.shape(&src) {
+                Some(s) if s == shape.as_slice() => {
+                    used.insert(src.clone());
+                    report.loaded += 1;
+                    Some(read(c, vb, &src, shape)?)
+                }
+                Some(s) if name.starts_with("head.classification_head.cls_logits.") => {
+                    used.insert(src.clone());
+                    if name.ends_with("bias") {
+                        report.notes.push(format!(
+                            "{}: {} classes in the checkpoint, {} in the model: cls_logits \
+                             re-initialised with prior {PRIOR_PROBABILITY}",
+                            c.path().display(),
+                            s[0] / config.num_anchors,
+                            config.num_classes
+                        ));
+                    }
+                    None
+                }
+                Some(s) => {
+                    return Err(Error::ShapeMismatch {
+                        path: c.path().to_path_buf(),
+                        name: src,
+                        expected: shape.clone(),
+                        actual: s.to_vec(),
+                    })
+                }
+                None => {
+                    return Err(Error::MissingTensor {
+                        path: c.path().to_path_buf(),
+                        name: src,
+                        expected: shape.clone(),
+                    })
+                }
+            },
+            _ => None,
+        };
+        let value = match value {
+            Some(v) => v,
+            None => {
+                report.initialised += 1;
+                fresh(name, shape, &mut rng)?
+            }
+        };
+        values.insert(name.clone(), value);
+    }
+    if let Some(c) = &ckpt {
+        let unexpected: Vec<String> = c
+            .names()
+            .filter(|n| !used.contains(*n))
+            .filter(|n| !(matches!(start, Start::Backbone(_)) && n.starts_with("fc.")))
+            .map(str::to_string)
+            .collect();
+        if !unexpected.is_empty() {
+            return Err(Error::UnexpectedTensors {
+                path: c.path().to_path_buf(),
+                names: unexpected,
+            });
+        }
+    }
+    Ok((values, report))
+}
+
+impl ParamStore {
+    /// A store over `values` on `device` in `dtype` (f32 for training; f64 for reference
+    /// checks), training the tensors `trainable` accepts.
+    pub fn new(
+        values: BTreeMap<String, Tensor>,
+        trainable: impl Fn(&str) -> bool,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let mut frozen = BTreeMap::new();
+        let mut trained = BTreeMap::new();
+        for (name, v) in values {
+            let v = v.to_dtype(dtype)?.to_device(device)?;
+            if trainable(&name) {
+                trained.insert(name, Var::from_tensor(&v)?);
+            } else {
+                frozen.insert(name, v.detach());
+            }
+        }
+        Ok(Self {
+            frozen,
+            trained,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// The trained variables, by name.
+    pub fn trained(&self) -> Vec<(String, Var)> {
+        self.trained
+            .iter()
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Whether `name` is trained.
+    pub fn is_trained(&self, name: &str) -> bool {
+        self.trained.contains_key(name)
+    }
+
+    /// Every tensor by name (current values).
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        let mut all = self.frozen.clone();
+        for (n, v) in &self.trained {
+            all.insert(n.clone(), v.as_tensor().detach());
+        }
+        all
+    }
+
+    /// The current value of one tensor.
+    pub fn get(&self, name: &str) -> Option<Tensor> {
+        self.trained
+            .get(name)
+            .map(|v| v.as_tensor().clone())
+            .or_else(|| self.frozen.get(name).cloned())
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A `VarBuilder` serving these tensors (trained ones as variables) to `RetinaNet::new`.
+    pub fn var_builder(&self) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self.clone()), self.dtype, self.device.clone())
+    }
+
+    /// Builds the model over these tensors.
+    pub fn build(&self, config: &RetinaNetConfig) -> Result<RetinaNet> {
+        Ok(RetinaNet::new(config, self.var_builder())?)
+    }
+}
+
+impl SimpleBackend for ParamStore {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let Some(t) = ParamStore::get(self, name) else {
+            candle_core::bail!("no tensor `{name}` in the parameter store");
+        };
+        if t.dims() != s.dims() {
+            candle_core::bail!(
+                "tensor `{name}` has shape {:?} in the store, the model expects {:?}",
+                t.dims(),
+                s.dims()
+            );
+        }
+        if t.dtype() != dtype {
+            candle_core::bail!(
+                "`{name}` is {:?} in the store, the model asks for {dtype:?}",
+                t.dtype()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        ParamStore::get(self, name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no tensor `{name}`")))
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.trained.contains_key(name) || self.frozen.contains_key(name)
+    }
+}
+
+/// The architecture to train from `start` with `num_classes`: a RetinaNet checkpoint's own
+/// (depth, v1/v2, eps) with the class count replaced; for an ImageNet backbone, torchvision's
+/// v1 layout on the ResNet the checkpoint holds, with its batch-norm eps 1e-5. From scratch
+/// there is nothing to infer: build a [`RetinaNetConfig`] directly.
+pub fn config_for(start: &Start, num_classes: usize) -> Result<RetinaNetConfig> {
+    match start {
+        Start::Scratch => Err(Error::Invalid(
+            "from scratch the architecture cannot be inferred: use RetinaNetConfig::v1/v2".into(),
+        )),
+        Start::RetinaNet(p) => Ok(RetinaNetConfig {
+            num_classes,
+            ..Checkpoint::open(p)?.infer_config()?
+        }),
+        Start::Backbone(p) => {
+            let ckpt = Checkpoint::open(p)?;
+            let bottleneck = ckpt.shape("layer1.0.conv3.weight").is_some();
+            let mut layers = [0usize; 4];
+            for (l, count) in layers.iter_mut().enumerate() {
+                while ckpt
+                    .shape(&format!("layer{}.{count}.conv1.weight", l + 1))
+                    .is_some()
+                {
+                    *count += 1;
+                }
+            }
+            let backbone = crate::backbone::ResNetConfig {
+                block: if bottleneck {
+                    crate::backbone::BlockKind::Bottleneck
+                } else {
+                    crate::backbone::BlockKind::Basic
+                },
+                layers,
+            };
+            let depth = backbone.depth().ok_or_else(|| Error::Checkpoint {
+                path: p.clone(),
+                message: format!("not a standard ResNet (blocks per stage {layers:?})"),
+            })?;
+            Ok(RetinaNetConfig {
+                bn_eps: 1e-5,
+                ..RetinaNetConfig::v1(depth, num_classes)?
+            })
+        }
+    }
+}
+
+/// Loads `path` (a RetinaNet checkpoint) into `config`'s tensors, strictly: used by resume.
+pub fn load_exact(config: &RetinaNetConfig, path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let shapes = model_shapes(config)?;
+    let ckpt = Checkpoint::open(path)?;
+    let (vb, _) = ckpt.var_builder(DType::F32, &Device::Cpu);
+    let mut out = BTreeMap::new();
+    for (name, shape) in &shapes {
+        match ckpt.shape(name) {
+            Some(s) if s == shape.as_slice() => {
+                out.insert(name.clone(), read(&ckpt, &vb, name, shape)?);
+            }
+            Some(s) => {
+                return Err(Error::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    expected: shape.clone(),
+                    actual: s.to_vec(),
+                })
+            }
+            None => {
+                return Err(Error::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: name.clone(),
+                    expected: shape.clone(),
+                })
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trainable_layers_follow_torchvision() {
+        let t = |n: &str, k| is_trainable(n, k);
+        assert!(t("head.classification_head.cls_logits.weight", 0));
+        assert!(t("backbone.fpn.layer_blocks.0.0.weight", 0));
+        assert!(t("backbone.body.layer2.0.conv1.weight", 3));
+        assert!(!t("backbone.body.layer1.0.conv1.weight", 3));
+        assert!(!t("backbone.body.conv1.weight", 4));
+        assert!(t("backbone.body.conv1.weight", 5));
+        assert!(!t("backbone.body.layer2.0.bn1.weight", 5));
+        assert!(!t("backbone.body.layer2.0.downsample.1.running_var", 5));
+        assert!(t("backbone.body.layer2.0.downsample.0.weight", 3));
+        assert!(!t("backbone.body.layer4.0.conv1.weight", 0));
+    }
+
+    #[test]
+    fn fresh_values_follow_torchvision() {
+        let mut rng = InitRng::new(0);
+        let b = fresh("head.classification_head.cls_logits.bias", &[6], &mut rng).unwrap();
+        let b: Vec<f32> = b.to_vec1().unwrap();
+        assert!((b[0] - (-(99f32).ln())).abs() < 1e-6);
+        let v = fresh("backbone.body.layer1.0.bn1.running_var", &[4], &mut rng).unwrap();
+        assert_eq!(v.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
+        let g = fresh("head.regression_head.conv.0.1.weight", &[4], &mut rng).unwrap();
+        assert_eq!(g.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
+        let w = fresh(
+            "head.regression_head.conv.0.0.weight",
+            &[256, 256, 3, 3],
+            &mut rng,
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap();
+        let std = w.sqr().unwrap().mean_all().unwrap().sqrt().unwrap();
+        let std = std.to_scalar::<f32>().unwrap();
+        assert!((std - 0.01).abs() < 2e-4, "{std}");
+    }
+}
