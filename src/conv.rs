@@ -208,29 +208,12 @@ impl FusedConv2d {
     /// im2col of output columns `q0..q0 + nb` into `cols` (`cin·k·k × nb`), one output-row
     /// segment at a time.
     fn im2col(&self, x: &[f32], h: usize, w: usize, q0: usize, nb: usize, cols: &mut [f32]) {
-        let (k, s, p) = (self.k, self.stride, self.padding);
-        let wo = self.output_size(h, w).1;
-        for (row, col) in cols.chunks_exact_mut(nb).enumerate() {
-            let (ci, ky, kx) = (row / (k * k), row / k % k, row % k);
-            let plane = &x[ci * h * w..][..h * w];
-            let mut j = 0;
-            while j < nb {
-                let (yo, xo0) = ((q0 + j) / wo, (q0 + j) % wo);
-                let len = (wo - xo0).min(nb - j);
-                let seg = &mut col[j..j + len];
-                j += len;
-                let iy = (yo * s + ky).wrapping_sub(p);
-                if iy >= h {
-                    seg.fill(0.0);
-                    continue;
-                }
-                let src = &plane[iy * w..][..w];
-                for (d, xo) in seg.iter_mut().zip(xo0..) {
-                    let ix = (xo * s + kx).wrapping_sub(p);
-                    *d = if ix < w { src[ix] } else { 0.0 };
-                }
-            }
-        }
+        let geometry = Geometry {
+            k: self.k,
+            stride: self.stride,
+            padding: self.padding,
+        };
+        im2col(&geometry, x, h, w, q0, nb, cols);
     }
 
     /// `dst[co][j] (+)= Σ_c lhs[co][c] · rhs[c·rhs_rs + j]` for j < n, `dst` being
@@ -271,6 +254,58 @@ impl FusedConv2d {
             false,
             Parallelism::None,
         );
+    }
+}
+
+/// Kernel size, stride and padding of a square convolution.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl Geometry {
+    /// Output size for an input of `(h, w)`.
+    pub fn output_size(&self, h: usize, w: usize) -> (usize, usize) {
+        let o = |i: usize| (i + 2 * self.padding - self.k) / self.stride + 1;
+        (o(h), o(w))
+    }
+}
+
+/// im2col of output columns `q0..q0 + nb` of one image (`cin × h × w`) into `cols`
+/// (`cin·k·k × nb`), one output-row segment at a time.
+pub(crate) fn im2col(
+    g: &Geometry,
+    x: &[f32],
+    h: usize,
+    w: usize,
+    q0: usize,
+    nb: usize,
+    cols: &mut [f32],
+) {
+    let (k, s, p) = (g.k, g.stride, g.padding);
+    let wo = g.output_size(h, w).1;
+    for (row, col) in cols.chunks_exact_mut(nb).enumerate() {
+        let (ci, ky, kx) = (row / (k * k), row / k % k, row % k);
+        let plane = &x[ci * h * w..][..h * w];
+        let mut j = 0;
+        while j < nb {
+            let (yo, xo0) = ((q0 + j) / wo, (q0 + j) % wo);
+            let len = (wo - xo0).min(nb - j);
+            let seg = &mut col[j..j + len];
+            j += len;
+            let iy = (yo * s + ky).wrapping_sub(p);
+            if iy >= h {
+                seg.fill(0.0);
+                continue;
+            }
+            let src = &plane[iy * w..][..w];
+            for (d, xo) in seg.iter_mut().zip(xo0..) {
+                let ix = (xo * s + kx).wrapping_sub(p);
+                *d = if ix < w { src[ix] } else { 0.0 };
+            }
+        }
     }
 }
 
@@ -452,6 +487,25 @@ fn pad_to(x: &[f32], c: usize, h: usize, w: usize, p: usize, hp: usize, wp: usiz
     out
 }
 
+impl FusedConv2d {
+    /// Runs on a contiguous `(n, cin, h, w)` f32 slice, returning `(n, cout, ho, wo)`.
+    pub(crate) fn run_batch(&self, x: &[f32], n: usize, h: usize, w: usize) -> Vec<f32> {
+        let (ho, wo) = self.output_size(h, w);
+        let out_len = self.cout * ho * wo;
+        let mut out = vec![0f32; n * out_len];
+        for (i, o) in out.chunks_exact_mut(out_len).enumerate() {
+            self.run(
+                &x[i * self.cin * h * w..][..self.cin * h * w],
+                h,
+                w,
+                o,
+                false,
+            );
+        }
+        out
+    }
+}
+
 struct ConvOp<'a> {
     conv: &'a FusedConv2d,
     relu: bool,
@@ -590,6 +644,214 @@ pub fn tune_allocator() {
     }
 }
 
+/// A differentiable convolution without bias, `x (n, cin, h, w) ⋆ w (cout, cin, k, k)`, that
+/// runs the fast CPU kernels forward and backward (f32 on the CPU; elsewhere Candle's
+/// `conv2d`). Candle computes the input gradient with a direct transposed-convolution loop
+/// and the weight gradient with a generic convolution; here the input gradient is a stride-1
+/// convolution of the (dilated) output gradient with the flipped kernel, and the weight
+/// gradient a matrix product of the output gradient with im2col bands of the input.
+pub fn conv2d_train(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    let (_, _, k, k2) = w.dims4()?;
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    if !cpu_f32 || k != k2 || padding >= k.max(1) && padding > 0 && padding > k - 1 {
+        return x.conv2d(w, padding, stride, 1, 1);
+    }
+    let g = Geometry { k, stride, padding };
+    x.contiguous()?.apply_op2(&w.contiguous()?, TrainConv(g))
+}
+
+struct TrainConv(Geometry);
+
+/// A fused convolution (zero bias) from a host weight slice `(cout, cin, k, k)`.
+fn fused_from(
+    w: &[f32],
+    dims: (usize, usize, usize),
+    stride: usize,
+    padding: usize,
+) -> Result<FusedConv2d> {
+    let (cout, cin, k) = dims;
+    let dev = candle_core::Device::Cpu;
+    let wt = Tensor::from_slice(w, (cout, cin, k, k), &dev)?;
+    let b = Tensor::zeros(cout, DType::F32, &dev)?;
+    // No Winograd in training: its transforms lose a little precision in long gradient sums.
+    FusedConv2d::with_winograd(&wt, &b, stride, padding, false)
+}
+
+impl CustomOp2 for TrainConv {
+    fn name(&self) -> &'static str {
+        "fast-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, cin, h, w) = xl.shape().dims4()?;
+        let (cout, wcin, k, _) = wl.shape().dims4()?;
+        if cin != wcin || h + 2 * self.0.padding < k || w + 2 * self.0.padding < k {
+            candle_core::bail!(
+                "conv: input {:?} does not fit weight {:?}",
+                xl.shape(),
+                wl.shape()
+            );
+        }
+        let conv = fused_from(
+            f32_slice(ws, wl)?,
+            (cout, cin, k),
+            self.0.stride,
+            self.0.padding,
+        )?;
+        let (ho, wo) = self.0.output_size(h, w);
+        let out = conv.run_batch(f32_slice(xs, xl)?, n, h, w);
+        Ok((CpuStorage::F32(out), Shape::from((n, cout, ho, wo))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?.to_vec1_flat()?;
+        let xv = x.contiguous()?.to_vec1_flat()?;
+        let wv = w.contiguous()?.to_vec1_flat()?;
+        let (n, cin, h, wd) = x.dims4()?;
+        let (cout, _, k, _) = w.dims4()?;
+        let (ho, wo) = self.0.output_size(h, wd);
+        let dev = x.device();
+        let gx = grad_input(&g, &wv, self.0, (n, cin, cout, h, wd, ho, wo))?;
+        let gw = grad_weight(&g, &xv, self.0, (n, cin, cout, h, wd, ho, wo));
+        Ok((
+            Some(Tensor::from_vec(gx, (n, cin, h, wd), dev)?),
+            Some(Tensor::from_vec(gw, (cout, cin, k, k), dev)?),
+        ))
+    }
+}
+
+trait FlatVec {
+    fn to_vec1_flat(&self) -> Result<Vec<f32>>;
+}
+
+impl FlatVec for Tensor {
+    fn to_vec1_flat(&self) -> Result<Vec<f32>> {
+        self.flatten_all()?.to_vec1()
+    }
+}
+
+/// (n, cin, cout, h, w, ho, wo).
+type ConvDims = (usize, usize, usize, usize, usize, usize, usize);
+
+/// ∂L/∂x: the output gradient, dilated by the stride, convolved (stride 1, padding
+/// k − 1 − p) with the kernel flipped in space and transposed in channels.
+fn grad_input(g: &[f32], w: &[f32], geo: Geometry, d: ConvDims) -> Result<Vec<f32>> {
+    let (n, cin, cout, h, wd, ho, wo) = d;
+    let (k, s, p) = (geo.k, geo.stride, geo.padding);
+    let mut flipped = vec![0f32; w.len()];
+    for co in 0..cout {
+        for ci in 0..cin {
+            for t in 0..k * k {
+                flipped[(ci * cout + co) * k * k + (k * k - 1 - t)] =
+                    w[(co * cin + ci) * k * k + t];
+            }
+        }
+    }
+    // Dilated size: the output positions at multiples of the stride, plus the rows and
+    // columns the forward pass never reached.
+    let hd = h + 2 * p + 1 - k;
+    let wdd = wd + 2 * p + 1 - k;
+    let dilated;
+    let gd = if s == 1 {
+        g
+    } else {
+        let mut v = vec![0f32; n * cout * hd * wdd];
+        for (plane, src) in v.chunks_exact_mut(hd * wdd).zip(g.chunks_exact(ho * wo)) {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    plane[oy * s * wdd + ox * s] = src[oy * wo + ox];
+                }
+            }
+        }
+        dilated = v;
+        &dilated
+    };
+    let conv = fused_from(&flipped, (cin, cout, k), 1, k - 1 - p)?;
+    Ok(conv.run_batch(gd, n, hd, wdd))
+}
+
+/// ∂L/∂w = Σ over images and positions of the output gradient times the im2col columns.
+fn grad_weight(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
+    let (n, cin, cout, h, w, ho, wo) = d;
+    let kk = cin * geo.k * geo.k;
+    let q = ho * wo;
+    let nb = (BAND_FLOATS / (cout + kk)).clamp(64, 2048);
+    let bands = q.div_ceil(nb);
+    let jobs = n * bands;
+    // A fixed split of the work, summed in order: the result does not depend on the thread
+    // count or on scheduling, so training runs (and resumes) are reproducible.
+    let chunks = jobs.min(GRAD_CHUNKS);
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![0f32; cout * kk];
+            let mut cols = vec![0f32; kk * nb];
+            for job in c * jobs / chunks..(c + 1) * jobs / chunks {
+                let (img, b) = (job / bands, job % bands);
+                let q0 = b * nb;
+                let len = nb.min(q - q0);
+                let band = &mut cols[..kk * len];
+                im2col(
+                    &geo,
+                    &x[img * cin * h * w..][..cin * h * w],
+                    h,
+                    w,
+                    q0,
+                    len,
+                    band,
+                );
+                let lhs = &g[img * cout * q + q0..];
+                // SAFETY: acc is cout × kk; lhs rows are q apart with len values from q0;
+                // band is kk × len, read transposed.
+                unsafe {
+                    gemm(
+                        cout,
+                        kk,
+                        len,
+                        acc.as_mut_ptr(),
+                        1,
+                        kk as isize,
+                        true,
+                        lhs.as_ptr(),
+                        1,
+                        q as isize,
+                        band.as_ptr(),
+                        len as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; cout * kk];
+    for p in &partials {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
+/// Pieces the weight gradient is split into (then summed in order).
+const GRAD_CHUNKS: usize = 8;
+
 /// A plain `candle_nn::Conv2d` (used for training) or its fused inference form.
 #[derive(Debug, Clone)]
 pub enum Conv {
@@ -653,13 +915,22 @@ impl Conv {
     }
 }
 
-/// Candle's convolution, made safe to differentiate. Candle 0.11's conv2d backward takes
-/// the output padding of its transposed convolution from the height alone, so a strided
+/// A differentiable convolution: on f32 CPU tensors the fast kernels of [`conv2d_train`];
+/// elsewhere Candle's convolution, made safe to differentiate. Candle 0.11's conv2d backward
+/// takes the output padding of its transposed convolution from the height alone, so a strided
 /// convolution whose height and width leave different remainders (P6/P7 on, say, a 25 × 34
 /// P5) fails in backward. With a variable weight such a convolution runs at stride 1 and
 /// keeps every `stride`-th row and column: the same values, with a backward that works.
 fn plain_forward(c: &candle_nn::Conv2d, x: &Tensor) -> Result<Tensor> {
     let cfg = c.config();
+    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32;
+    if cpu_f32 && cfg.dilation == 1 && cfg.groups == 1 {
+        let y = conv2d_train(x, c.weight(), cfg.stride, cfg.padding)?;
+        return match c.bias() {
+            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
+            None => Ok(y),
+        };
+    }
     let s = cfg.stride;
     let (_, _, h, w) = x.dims4()?;
     let k = c.weight().dim(2)?;
@@ -747,6 +1018,60 @@ mod tests {
         check(5, 7, 3, 2, 1, 2, 3);
         check(40, 24, 3, 1, 1, 10, 9);
         check(33, 17, 3, 1, 1, 1, 2);
+    }
+
+    #[test]
+    fn train_conv_gradients_match_candle() {
+        let dev = Device::Cpu;
+        for (cin, cout, k, s, p, h, w) in [
+            (4, 6, 3, 1, 1, 7, 9),
+            (4, 6, 3, 2, 1, 7, 10),
+            (3, 5, 7, 2, 3, 13, 11),
+            (6, 4, 1, 2, 0, 9, 8),
+            (130, 8, 3, 1, 1, 6, 5),
+        ] {
+            let x = candle_core::Var::randn(0f32, 1.0, (2, cin, h, w), &dev).unwrap();
+            let wt = candle_core::Var::randn(0f32, 0.2, (cout, cin, k, k), &dev).unwrap();
+            let ours = conv2d_train(x.as_tensor(), wt.as_tensor(), s, p).unwrap();
+            // Reference: Candle at stride 1, subsampled (Candle's own strided backward fails
+            // when height and width leave different remainders).
+            let dense = x.as_tensor().conv2d(wt.as_tensor(), p, 1, 1, 1).unwrap();
+            let (_, _, dh, dw) = dense.dims4().unwrap();
+            let pick = |n: usize| Tensor::arange_step(0u32, n as u32, s as u32, &dev).unwrap();
+            let theirs = dense
+                .index_select(&pick(dh), 2)
+                .unwrap()
+                .index_select(&pick(dw), 3)
+                .unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            // A loss with position-dependent weights, so gradients are not uniform.
+            let m = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+            let lo = (ours * &m).unwrap().sum_all().unwrap().backward().unwrap();
+            let lt = (theirs * &m)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &wt] {
+                let a = lo.get(v.as_tensor()).unwrap();
+                let b = lt.get(v.as_tensor()).unwrap();
+                let b_abs_max = b
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let err = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+                let err = err.to_scalar::<f32>().unwrap();
+                let rel = err / b_abs_max;
+                assert!(
+                    rel < 1e-5,
+                    "k{k} s{s} {cin}->{cout} {h}x{w}: grad rel err {rel}"
+                );
+            }
+        }
     }
 
     #[test]

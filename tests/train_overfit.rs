@@ -81,7 +81,7 @@ fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
 #[test]
 fn overfits_a_few_images_then_detects_their_boxes() {
     let (images, targets) = data();
-    let steps = 70;
+    let steps = 120;
     let mut t = trainer(0, 0.02, steps);
     let t0 = std::time::Instant::now();
     let first = t.step(&images, &targets).unwrap();
