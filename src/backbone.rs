@@ -132,15 +132,7 @@ impl ConvBn {
         let Some(bn) = &self.bn else {
             return self.conv.forward_with(x, residual, relu);
         };
-        let mut y = bn.forward(&self.conv.forward(x)?)?;
-        if let Some(r) = residual {
-            y = (y + r)?;
-        }
-        if relu {
-            y.relu()
-        } else {
-            Ok(y)
-        }
+        crate::conv::add_relu(bn.forward(&self.conv.forward(x)?)?, residual, relu)
     }
 
     /// Whether [`ConvBn::fuse`] switched this layer to the fast inference path.

@@ -871,17 +871,7 @@ impl Conv {
     ) -> Result<Tensor> {
         match self {
             Conv::Fused(f) => f.forward(x, residual, relu),
-            Conv::Plain(c) => {
-                let mut y = plain_forward(c, x)?;
-                if let Some(r) = residual {
-                    y = (y + r)?;
-                }
-                if relu {
-                    y.relu()
-                } else {
-                    Ok(y)
-                }
-            }
+            Conv::Plain(c) => add_relu(plain_forward(c, x)?, residual, relu),
         }
     }
 
@@ -912,6 +902,19 @@ impl Conv {
         };
         *self = Conv::Fused(FusedConv2d::new(&weight, &bias, cfg.stride, cfg.padding)?);
         Ok(())
+    }
+}
+
+/// `relu?(y [+ residual])` with Candle's ops: the unfused tail of a convolution.
+pub(crate) fn add_relu(y: Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+    let y = match residual {
+        Some(r) => (y + r)?,
+        None => y,
+    };
+    if relu {
+        y.relu()
+    } else {
+        Ok(y)
     }
 }
 

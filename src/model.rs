@@ -95,6 +95,9 @@ pub struct RawOutput {
     pub bbox_regression: Tensor,
     /// Anchors `(ΣHWA, 4)` in padded-batch pixels, shared by the batch's images.
     pub anchors: Tensor,
+    /// The same anchors on the host (they are computed there), for post-processing and
+    /// target assignment.
+    pub anchor_boxes: Vec<[f32; 4]>,
     /// H·W·A of each level.
     pub num_anchors_per_level: Vec<usize>,
 }
@@ -269,18 +272,19 @@ impl RetinaNet {
             .collect::<Result<Vec<_>>>()?;
         let a = self.config.num_anchors;
         let num_anchors_per_level = grid_sizes.iter().map(|(h, w)| h * w * a).collect();
-        let anchors = self
+        let anchor_boxes = self
             .anchor_generator
             .generate(batch.padded_size()?, &grid_sizes);
-        let n = anchors.len();
-        let anchors =
-            Tensor::from_vec(anchors.concat(), (n, 4), &Device::Cpu)?.to_device(&self.device)?;
+        let n = anchor_boxes.len();
+        let anchors = Tensor::from_vec(anchor_boxes.concat(), (n, 4), &Device::Cpu)?
+            .to_device(&self.device)?;
         Ok(RawOutput {
             backbone_features,
             fpn_features,
             cls_logits,
             bbox_regression,
             anchors,
+            anchor_boxes,
             num_anchors_per_level,
         })
     }
@@ -289,13 +293,7 @@ impl RetinaNet {
     /// pixels, sorted by score.
     pub fn postprocess(&self, raw: &RawOutput, batch: &ImageBatch) -> Result<Vec<Vec<Detection>>> {
         let k = self.config.num_classes;
-        let anchors: Vec<[f32; 4]> = raw
-            .anchors
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?
-            .into_iter()
-            .map(|r| [r[0], r[1], r[2], r[3]])
-            .collect();
+        let anchors = &raw.anchor_boxes;
         let mut level_anchors: Vec<&[[f32; 4]]> = Vec::new();
         let mut offset = 0;
         for &count in &raw.num_anchors_per_level {

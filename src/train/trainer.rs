@@ -248,13 +248,7 @@ impl Trainer {
         }
         let batch = self.model.preprocess(images)?;
         let raw = self.model.forward_raw(&batch)?;
-        let anchors: Vec<[f32; 4]> = raw
-            .anchors
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?
-            .into_iter()
-            .map(|r| [r[0], r[1], r[2], r[3]])
-            .collect();
+        let anchors = &raw.anchor_boxes;
         let mut matches = Vec::with_capacity(images.len());
         let mut boxes = Vec::with_capacity(images.len());
         let mut labels = Vec::with_capacity(images.len());
@@ -264,11 +258,11 @@ impl Trainer {
             .zip(&batch.image_sizes)
         {
             let b = resize_boxes(&t.boxes, orig, size);
-            matches.push(self.config.matcher.assign(&anchors, &b));
+            matches.push(self.config.matcher.assign(anchors, &b));
             boxes.push(b);
             labels.push(t.labels.iter().map(|&l| l as u32).collect::<Vec<_>>());
         }
-        let lt = LossTargets::new(&anchors, &matches, &boxes, &labels);
+        let lt = LossTargets::new(anchors, &matches, &boxes, &labels);
         let losses = retinanet_losses(
             &raw.cls_logits,
             &raw.bbox_regression,
