@@ -6,8 +6,10 @@
 //!     [--mode detect|postprocess|matmul] [--min-size 800] [--max-size 1333] [--batch 1]
 //! ```
 //! `detect` times preprocess + network + post-processing for a batch of copies of the image;
-//! `postprocess` the post-processing alone; `matmul` a 2048³ f32 matrix product (the
-//! machine's gemm peak as Candle reaches it). `peak_rss_mb` is the process's high-water mark.
+//! `postprocess` the post-processing alone; `train` one SGD step (forward, losses, backward,
+//! update; torchvision's default of 3 trainable backbone layers) on a batch of copies with two
+//! boxes each; `matmul` a 2048³ f32 matrix product (the machine's gemm peak as Candle reaches
+//! it). `peak_rss_mb` is the process's high-water mark.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,7 +17,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Parser;
-use retinanet::{LoadOptions, RetinaNet, TransformConfig};
+use retinanet::train::{LrSchedule, Start, Target, TrainConfig, Trainer};
+use retinanet::{Checkpoint, LoadOptions, RetinaNet, TransformConfig};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -75,9 +78,48 @@ fn time_runs(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>>
         .collect()
 }
 
+/// Boxes shared with `scripts/bench_torchvision.py`: two objects in the image's own pixels.
+fn bench_targets(width: f32, height: f32, n: usize) -> Vec<Target> {
+    (0..n)
+        .map(|i| Target {
+            id: format!("copy{i}"),
+            boxes: vec![
+                [0.1 * width, 0.2 * height, 0.45 * width, 0.9 * height],
+                [0.5 * width, 0.1 * height, 0.95 * width, 0.6 * height],
+            ],
+            labels: vec![1, 3],
+        })
+        .collect()
+}
+
+fn time_train(args: &Args) -> Result<Vec<f64>> {
+    let weights = args.weights.as_ref().context("--weights is required")?;
+    let path = args.image.as_ref().context("--image is required")?;
+    let mut config = Checkpoint::open(weights)?.infer_config()?;
+    config.bn_eps = 0.0;
+    let mut tc = TrainConfig::for_model(&config, LrSchedule::constant(0.01, 1000));
+    tc.trainable_backbone_layers = 3;
+    let start = Start::RetinaNet(weights.clone());
+    let (mut trainer, _) = Trainer::new(&config, &start, tc, &Device::Cpu)?;
+    trainer.model_mut().transform = TransformConfig {
+        min_size: args.min_size,
+        max_size: args.max_size,
+        ..Default::default()
+    };
+    let image = image::open(path)?.to_rgb8();
+    let targets = bench_targets(image.width() as f32, image.height() as f32, args.batch);
+    let images = vec![image; args.batch];
+    time_runs(args, || {
+        trainer.step(&images, &targets)?;
+        Ok(())
+    })
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
-    let times = if args.mode == "matmul" {
+    let times = if args.mode == "train" {
+        time_train(&args)?
+    } else if args.mode == "matmul" {
         let a = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu)?;
         let b = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu)?;
         time_runs(&args, || {

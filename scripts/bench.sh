@@ -40,6 +40,7 @@ run_row "detect 800x1066, batch 1" "${common[@]}" --image "$image" --mode detect
 run_row "detect 800x1066, batch 4" "${common[@]}" --image "$image" --mode detect --batch 4
 run_row "detect 512x512, batch 1" "${common[@]}" --image "$square" --mode detect --min-size 512 --max-size 512
 run_row "detect 512x512, batch 4" "${common[@]}" --image "$square" --mode detect --min-size 512 --max-size 512 --batch 4
+run_row "train step, batch 2, 512x512" "${common[@]}" --image "$square" --mode train --min-size 512 --max-size 512 --batch 2
 run_row "post-processing alone, 800x1066" "${common[@]}" --image "$image" --mode postprocess
 run_row "sgemm 2048^3 (peak)" --mode matmul
 macs="$("$py" scripts/bench_torchvision.py --mode macs "${common[@]}" --image "$image" --runs 1 --warmup 0)"

@@ -3,6 +3,7 @@
 of examples/bench.rs; scripts/bench.sh runs both).
 
 Modes: detect (transform + network + post-processing for a batch of copies of the image),
+train (one SGD step with torchvision's default 3 trainable backbone layers, two boxes per image),
 postprocess (post-processing alone), matmul (a 2048^3 f32 product: the sgemm peak), macs (count
 the convolution multiply-accumulates of one detect, with forward hooks).
 The weights and architecture are those of a parity fixture (scripts/make_parity_fixtures.py).
@@ -62,6 +63,31 @@ def count_macs(model, images):
     return sum(macs)
 
 
+def time_train(model, images):
+    """One SGD step per run (the boxes match examples/bench.rs)."""
+    torch.set_grad_enabled(True)
+    for name, p in model.named_parameters():
+        # torchvision's trainable_backbone_layers=3: layer2..4 train, stem and layer1 frozen.
+        frozen = name.startswith("backbone.body.") and not any(
+            name.startswith(f"backbone.body.layer{i}") for i in (2, 3, 4))
+        p.requires_grad_(not frozen)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                          weight_decay=1e-4)
+    h, w = images[0].shape[1:]
+    box = torch.tensor([[0.1 * w, 0.2 * h, 0.45 * w, 0.9 * h], [0.5 * w, 0.1 * h, 0.95 * w, 0.6 * h]])
+    targets = [{"boxes": box.clone(), "labels": torch.tensor([1, 3])} for _ in images]
+
+    def step():
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return timed(step, 1, ARGS.runs)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--weights")
@@ -75,10 +101,13 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
+    global ARGS
+    ARGS = a
     torch.set_num_threads(a.threads)
     result = {"impl": f"torchvision {torchvision.__version__}", "mode": a.mode, "batch": a.batch,
               "min_size": a.min_size}
-    with torch.inference_mode():
+    grad_mode = torch.enable_grad() if a.mode == "train" else torch.inference_mode()
+    with grad_mode:
         if a.mode == "matmul":
             x, y = torch.randn(2048, 2048), torch.randn(2048, 2048)
             times = timed(lambda: x @ y, a.warmup, a.runs)
@@ -88,6 +117,8 @@ def main():
             images = [img] * a.batch
             if a.mode == "detect":
                 times = timed(lambda: model(images), a.warmup, a.runs)
+            elif a.mode == "train":
+                times = time_train(model, images)
             elif a.mode == "macs":
                 result["macs"] = count_macs(model, images)
                 times = [0.0]
