@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use retinanet::conv::FusedConv2d;
+use retinanet::conv::{Algorithm, FusedConv2d};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -27,6 +27,8 @@ fn main() -> Result<()> {
     // (cin, cout, k, stride, h, w): the shapes of the issue, the stem, and a strided 3x3.
     let shapes = [
         (256, 256, 3, 1, 100, 136),
+        (256, 819, 3, 1, 100, 136),
+        (256, 256, 3, 1, 25, 34),
         (1024, 256, 1, 1, 50, 68),
         (64, 64, 3, 1, 200, 272),
         (3, 64, 7, 2, 800, 1088),
@@ -34,18 +36,23 @@ fn main() -> Result<()> {
         (64, 256, 1, 1, 200, 272),
         (256, 64, 1, 1, 200, 272),
     ];
-    println!("| conv | ours (Winograd where eligible) | ours, gemm only | candle conv2d | plain matmul of the same size |");
-    println!("|---|---|---|---|---|");
+    println!("| conv | ours: Winograd F(4,3) | F(2,3) | gemm only | candle conv2d | plain matmul of the same size |");
+    println!("|---|---|---|---|---|---|");
     for (cin, cout, k, s, h, w) in shapes {
         let x = Tensor::randn(0f32, 1.0, (1, cin, h, w), &dev)?;
         let wt = Tensor::randn(0f32, 0.1, (cout, cin, k, k), &dev)?;
         let b = Tensor::zeros(cout, candle_core::DType::F32, &dev)?;
-        let conv = FusedConv2d::new(&wt, &b, s, k / 2)?;
-        let direct = FusedConv2d::with_winograd(&wt, &b, s, k / 2, false)?;
+        let conv = FusedConv2d::with_algorithm(&wt, &b, s, k / 2, Algorithm::Winograd4)?;
+        let f2 = FusedConv2d::with_algorithm(&wt, &b, s, k / 2, Algorithm::Winograd2)?;
+        let direct = FusedConv2d::with_algorithm(&wt, &b, s, k / 2, Algorithm::Gemm)?;
         let (ho, wo) = conv.output_size(h, w);
         let flops = 2.0 * (cout * cin * k * k * ho * wo) as f64;
         let ours = time(|| {
             conv.forward(&x, None, true)?;
+            Ok(())
+        })?;
+        let ours_f2 = time(|| {
+            f2.forward(&x, None, true)?;
             Ok(())
         })?;
         let ours_direct = time(|| {
@@ -63,8 +70,9 @@ fn main() -> Result<()> {
             Ok(())
         })?;
         println!(
-            "| {k}x{k} s{s}, {cin}->{cout}, {h}x{w} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {k}x{k} s{s}, {cin}->{cout}, {h}x{w} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
             flops / ours / 1e9,
+            flops / ours_f2 / 1e9,
             flops / ours_direct / 1e9,
             flops / candle / 1e9,
             flops / mm / 1e9

@@ -6,7 +6,7 @@
 //! use retinanet::train::{LrSchedule, Start, Target, TrainConfig, Trainer};
 //! let device = candle_core::Device::Cpu;
 //! let start = Start::RetinaNet("retinanet_resnet50_fpn_coco-eeacb38b.pth".into());
-//! let config = retinanet::train::params::config_for(&start, 18, 2)?; // 2 classes
+//! let config = retinanet::train::params::config_for(&start, 2)?; // 2 classes
 //! let schedule = LrSchedule::scaled(1000, 4, 12.0)?;
 //! let (mut trainer, report) =
 //!     Trainer::new(&config, &start, TrainConfig::for_model(&config, schedule), &device)?;
