@@ -189,7 +189,7 @@ fn run(args: Args) -> Result<()> {
         steps,
         args.batch_size,
         trainer.config().schedule.base_lr,
-        device_name(&device)
+        retinanet::device::name(&device)
     );
     train_loop(
         &args,
@@ -772,35 +772,13 @@ fn render_losses(
 }
 
 fn select_device(arg: DeviceArg) -> Result<Device> {
-    use candle_core::utils::{cuda_is_available, metal_is_available};
-    match arg {
-        DeviceArg::Cpu => Ok(Device::Cpu),
-        DeviceArg::Cuda if !cuda_is_available() => {
-            bail!("--device cuda: this build has no CUDA support; rebuild with `--features cuda`")
-        }
-        DeviceArg::Cuda => Device::new_cuda(0).context("--device cuda: cannot open GPU 0"),
-        DeviceArg::Metal if !metal_is_available() => {
-            bail!(
-                "--device metal: this build has no Metal support; rebuild with `--features metal`"
-            )
-        }
-        DeviceArg::Metal => Device::new_metal(0).context("--device metal: cannot open the GPU"),
-        DeviceArg::Auto => Ok(cuda_is_available()
-            .then(|| Device::new_cuda(0).ok())
-            .flatten()
-            .or_else(|| {
-                metal_is_available()
-                    .then(|| Device::new_metal(0).ok())
-                    .flatten()
-            })
-            .unwrap_or(Device::Cpu)),
-    }
-}
-
-fn device_name(device: &Device) -> &'static str {
-    match device {
-        Device::Cpu => "CPU",
-        Device::Cuda(_) => "CUDA",
-        Device::Metal(_) => "Metal",
-    }
+    use retinanet::device::DeviceChoice;
+    let choice = match arg {
+        DeviceArg::Auto => DeviceChoice::Auto,
+        DeviceArg::Cpu => DeviceChoice::Cpu,
+        DeviceArg::Cuda => DeviceChoice::Cuda,
+        DeviceArg::Metal => DeviceChoice::Metal,
+    };
+    let flag = format!("--device {arg:?}").to_lowercase();
+    retinanet::device::select(choice).with_context(|| flag)
 }

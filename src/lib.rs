@@ -31,6 +31,7 @@ pub mod checkpoint;
 pub mod classes;
 pub mod conv;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod fpn;

@@ -1,0 +1,58 @@
+//! Choosing the Candle device a model runs on.
+
+use candle_core::utils::{cuda_is_available, metal_is_available};
+use candle_core::Device;
+
+use crate::{Error, Result};
+
+/// Which device to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA if this build supports it and a GPU opens, then Metal, then the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// CUDA GPU 0 (needs the `cuda` feature).
+    Cuda,
+    /// Metal GPU 0 (needs the `metal` feature).
+    Metal,
+}
+
+/// Opens the requested device. Asking for a GPU this build cannot use is an error that names
+/// the Cargo feature to enable.
+pub fn select(choice: DeviceChoice) -> Result<Device> {
+    let open_err = |what: &str, e: candle_core::Error| Error::Invalid(format!("{what}: {e}"));
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Cuda if !cuda_is_available() => Err(Error::Invalid(
+            "this build has no CUDA support; rebuild with `--features cuda`".into(),
+        )),
+        DeviceChoice::Cuda => {
+            Device::new_cuda(0).map_err(|e| open_err("cannot open CUDA GPU 0", e))
+        }
+        DeviceChoice::Metal if !metal_is_available() => Err(Error::Invalid(
+            "this build has no Metal support; rebuild with `--features metal`".into(),
+        )),
+        DeviceChoice::Metal => {
+            Device::new_metal(0).map_err(|e| open_err("cannot open the Metal GPU", e))
+        }
+        DeviceChoice::Auto => Ok(cuda_is_available()
+            .then(|| Device::new_cuda(0).ok())
+            .flatten()
+            .or_else(|| {
+                metal_is_available()
+                    .then(|| Device::new_metal(0).ok())
+                    .flatten()
+            })
+            .unwrap_or(Device::Cpu)),
+    }
+}
+
+/// A short name for messages: `CPU`, `CUDA` or `Metal`.
+pub fn name(device: &Device) -> &'static str {
+    match device {
+        Device::Cpu => "CPU",
+        Device::Cuda(_) => "CUDA",
+        Device::Metal(_) => "Metal",
+    }
+}
