@@ -7,7 +7,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{conv2d_no_bias, Conv2dConfig, VarBuilder};
 
-use crate::conv::Conv;
+use crate::conv::{conv2d_train_fused, Conv, TrainBias};
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -129,10 +129,26 @@ impl ConvBn {
 
     /// `relu?(bn(conv(x)) [+ residual])`.
     pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
-        let Some(bn) = &self.bn else {
+        let (Some(bn), Conv::Plain(c)) = (&self.bn, &self.conv) else {
             return self.conv.forward_with(x, residual, relu);
         };
-        crate::conv::add_relu(bn.forward(&self.conv.forward(x)?)?, residual, relu)
+        // Training: the frozen norm folds into the convolution, its scale into the kernel
+        // (still differentiable in the weights) and its shift into a constant bias.
+        let cout = bn.scale.elem_count();
+        let w = c
+            .weight()
+            .broadcast_mul(&bn.scale.reshape((cout, 1, 1, 1))?)?;
+        let cfg = c.config();
+        let shift = TrainBias::Constant(&bn.shift);
+        conv2d_train_fused(x, &w, cfg.stride, cfg.padding, shift, residual, relu)
+    }
+
+    /// Whether the convolution's weights are fixed (no variable behind them).
+    fn is_frozen(&self) -> bool {
+        match &self.conv {
+            Conv::Plain(c) => !c.weight().track_op(),
+            Conv::Fused(_) => true,
+        }
     }
 
     /// Whether [`ConvBn::fuse`] switched this layer to the fast inference path.
@@ -223,6 +239,15 @@ impl Block {
         }
         Ok(())
     }
+
+    fn fuse_frozen(&mut self) -> Result<()> {
+        for c in self.convs.iter_mut().chain(self.downsample.as_mut()) {
+            if c.is_frozen() {
+                c.fuse()?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// ResNet trunk under `backbone.body`.
@@ -258,6 +283,18 @@ impl ResNet {
         self.stem.fuse()?;
         for block in self.layers.iter_mut().flatten() {
             block.fuse()?;
+        }
+        Ok(())
+    }
+
+    /// Folds the batch norm of every convolution whose weights are fixed (the stages
+    /// training leaves frozen) into the fast inference path; trained ones stay differentiable.
+    pub fn fuse_frozen(&mut self) -> Result<()> {
+        if self.stem.is_frozen() {
+            self.stem.fuse()?;
+        }
+        for block in self.layers.iter_mut().flatten() {
+            block.fuse_frozen()?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 
-use crate::conv::Conv;
+use crate::conv::{Conv, PreparedConv};
 
 /// One conv of a subnet's trunk: `conv.{i}.0` and, in v2, GroupNorm `conv.{i}.1`.
 #[derive(Debug, Clone)]
@@ -34,11 +34,11 @@ impl ConvNormAct {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, conv: &PreparedConv, x: &Tensor) -> Result<Tensor> {
         match &self.norm {
-            Some(norm) => norm.forward(&self.conv.forward(x)?)?.relu(),
+            Some(norm) => norm.forward(&conv.forward_with(x, None, false)?)?.relu(),
             // Without a norm, the ReLU is fused into the convolution.
-            None => self.conv.forward_with(x, None, true),
+            None => conv.forward_with(x, None, true),
         }
     }
 }
@@ -82,12 +82,12 @@ impl Subnet {
     }
 
     /// Runs one level and lays it out as `(N, H·W·A, outputs)`, location-major then anchor.
-    fn forward_level(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward_level(&self, convs: &[PreparedConv], x: &Tensor) -> Result<Tensor> {
         let mut y = x.clone();
-        for layer in &self.trunk {
-            y = layer.forward(&y)?;
+        for (layer, conv) in self.trunk.iter().zip(convs) {
+            y = layer.forward(conv, &y)?;
         }
-        let y = self.out.forward(&y)?;
+        let y = convs[self.trunk.len()].forward_with(&y, None, false)?;
         let (n, _, h, w) = y.dims4()?;
         let k = self.outputs_per_anchor;
         // (N, A·K, H, W) → (N, A, K, H, W) → (N, H, W, A, K) → (N, H·W·A, K).
@@ -104,9 +104,14 @@ impl Subnet {
     }
 
     fn forward(&self, levels: &[Tensor]) -> Result<Tensor> {
+        // The same weights run on every level: prepare each convolution once.
+        let convs = (self.trunk.iter().map(|l| &l.conv))
+            .chain([&self.out])
+            .map(Conv::prepare)
+            .collect::<Result<Vec<_>>>()?;
         let outs = levels
             .iter()
-            .map(|x| self.forward_level(x))
+            .map(|x| self.forward_level(&convs, x))
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&outs, 1)
     }

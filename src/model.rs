@@ -219,6 +219,13 @@ impl RetinaNet {
         Ok(())
     }
 
+    /// Prepares a model for training: the backbone convolutions whose weights are fixed
+    /// (the frozen stages) switch to the fast inference kernels; everything trained stays
+    /// differentiable.
+    pub fn fuse_frozen(&mut self) -> Result<()> {
+        Ok(self.backbone.fuse_frozen()?)
+    }
+
     /// The architecture.
     pub fn config(&self) -> &RetinaNetConfig {
         &self.config

@@ -159,7 +159,8 @@ impl Trainer {
     ) -> Result<Self> {
         let layers = config.trainable_backbone_layers;
         let params = ParamStore::new(values, |n| is_trainable(n, layers), device, config.dtype)?;
-        let model = params.build(model_config)?;
+        let mut model = params.build(model_config)?;
+        model.fuse_frozen()?;
         let sgd = Sgd::new(params.trained(), config.sgd);
         Ok(Self {
             config,

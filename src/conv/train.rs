@@ -1,0 +1,708 @@
+//! Differentiable convolutions for training, on the fast CPU kernels.
+//!
+//! One op computes `relu?(conv(x, w) + bias [+ residual])`. Backward, it masks the output
+//! gradient by the ReLU once and derives every input's gradient from that: the input gradient
+//! as a convolution of it with the flipped kernel (stride 1) or as a matrix product scattered
+//! back by col2im (stride > 1), the weight gradient as products with im2col bands of the
+//! input, the bias gradient as per-channel sums, the residual's as the masked gradient itself.
+//! Against Candle's ops (convolution, norm, sum, ReLU as separate nodes) this keeps one saved
+//! tensor per convolution instead of four and skips three full passes each way; gradients of
+//! inputs that need none (the output of a frozen stage) are not computed.
+
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
+
+use super::{im2col, Algorithm, FusedConv2d, Geometry, BAND_FLOATS};
+
+/// The bias of a training convolution.
+#[derive(Debug, Clone, Copy)]
+pub enum TrainBias<'a> {
+    /// No bias.
+    None,
+    /// A per-channel constant, e.g. a frozen batch norm's shift; it gets no gradient.
+    Constant(&'a Tensor),
+    /// A bias `(cout,)` that gets a gradient when it is a variable.
+    Learned(&'a Tensor),
+}
+
+/// The algorithm of the wide stride-1 3×3 products in training (forward and input gradient).
+/// F(2×2, 3×3) is as accurate as the direct products and 1.5–1.8× faster on the heads and the
+/// FPN; F(4×4)'s extra ~1e-5 error, amplified through twenty layers of backward, pushed deep
+/// float32 gradients past the torchvision parity tolerance.
+const TRAIN_ALGORITHM: Algorithm = Algorithm::Winograd2;
+
+/// A differentiable convolution without bias, `x (n, cin, h, w) ⋆ w (cout, cin, k, k)`.
+pub fn conv2d_train(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    conv2d_train_fused(x, w, stride, padding, TrainBias::None, None, false)
+}
+
+/// `relu?(conv(x, w) + bias [+ residual])`, differentiable in `x`, `w`, a learned bias and the
+/// residual. f32 CPU tensors run the fast kernels; anything else runs Candle's ops.
+pub fn conv2d_train_fused(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    bias: TrainBias,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    if let (TrainBias::Learned(b), Some(r)) = (bias, residual) {
+        // Both: the bias joins the residual, whose gradient it then shares, summed.
+        let r = r.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+        return conv2d_train_fused(x, w, stride, padding, TrainBias::None, Some(&r), relu);
+    }
+    match TrainConv2d::new(w, bias, stride, padding)? {
+        Some(conv) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            conv.forward(x, residual, relu)
+        }
+        _ => candle_conv(x, w, stride, padding, bias, residual, relu),
+    }
+}
+
+/// A training convolution with its kernels packed (and Winograd-transformed) once, to run on
+/// several inputs in one step: the head applies the same weights to five feature maps.
+/// Build it again after the weights change.
+pub struct TrainConv2d {
+    weight: Tensor,
+    /// A learned bias, passed to the op so that it receives a gradient.
+    learned_bias: Option<Tensor>,
+    geo: Geometry,
+    forward: FusedConv2d,
+    /// The flipped kernel of the input gradient (stride 1), built on first use.
+    flipped: OnceLock<FusedConv2d>,
+}
+
+impl std::fmt::Debug for TrainConv2d {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrainConv2d")
+            .field("weight", &self.weight.shape())
+            .field("geometry", &self.geo)
+            .finish()
+    }
+}
+
+impl TrainConv2d {
+    /// Packs `weight` `(cout, cin, k, k)` and `bias`; `None` where the fast kernels do not
+    /// apply (not f32 on the CPU, a non-square kernel, padding ≥ kernel).
+    pub fn new(
+        weight: &Tensor,
+        bias: TrainBias,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Option<Arc<Self>>> {
+        let (cout, cin, k, k2) = weight.dims4()?;
+        let fits = weight.device().is_cpu() && weight.dtype() == DType::F32;
+        if !fits || k != k2 || padding >= k || stride == 0 {
+            return Ok(None);
+        }
+        let geo = Geometry { k, stride, padding };
+        let weight = weight.contiguous()?;
+        let forward = with_host(&weight, |w| {
+            fused(w, (cout, cin, k), constant(bias, cout)?, geo)
+        })??;
+        let learned_bias = match bias {
+            TrainBias::Learned(b) => Some(b.contiguous()?),
+            _ => None,
+        };
+        Ok(Some(Arc::new(Self {
+            weight,
+            learned_bias,
+            geo,
+            forward,
+            flipped: OnceLock::new(),
+        })))
+    }
+
+    /// `relu?(conv(x) + bias [+ residual])` for an f32 CPU `x`. A residual cannot be combined
+    /// with a learned bias here (see [`conv2d_train_fused`]).
+    pub fn forward(
+        self: &Arc<Self>,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor> {
+        if !x.device().is_cpu() || x.dtype() != DType::F32 {
+            candle_core::bail!("the fast training conv runs on f32 CPU tensors only");
+        }
+        let x = x.contiguous()?;
+        let op = |extra| TrainConv {
+            conv: self.clone(),
+            relu,
+            extra,
+        };
+        match (&self.learned_bias, residual) {
+            (Some(_), Some(_)) => {
+                candle_core::bail!("a learned bias and a residual: use conv2d_train_fused")
+            }
+            (Some(b), None) => x.apply_op3(&self.weight, b, op(Extra::Bias)),
+            (None, Some(r)) => x.apply_op3(&self.weight, &r.contiguous()?, op(Extra::Residual)),
+            (None, None) => x.apply_op2(&self.weight, op(Extra::None)),
+        }
+    }
+
+    /// The stride-1 convolution computing the input gradient.
+    fn flipped(&self) -> Result<&FusedConv2d> {
+        if let Some(c) = self.flipped.get() {
+            return Ok(c);
+        }
+        let (cout, cin, k, _) = self.weight.dims4()?;
+        let mut flipped = vec![0f32; cout * cin * k * k];
+        with_host(&self.weight, |w| {
+            for co in 0..cout {
+                for ci in 0..cin {
+                    for t in 0..k * k {
+                        flipped[(ci * cout + co) * k * k + (k * k - 1 - t)] =
+                            w[(co * cin + ci) * k * k + t];
+                    }
+                }
+            }
+        })?;
+        let geo = Geometry {
+            k,
+            stride: 1,
+            padding: k - 1 - self.geo.padding,
+        };
+        let conv = fused(&flipped, (cin, cout, k), vec![0.0; cin], geo)?;
+        Ok(self.flipped.get_or_init(|| conv))
+    }
+}
+
+/// The values of a bias (zeros when absent).
+fn constant(bias: TrainBias, cout: usize) -> Result<Vec<f32>> {
+    match bias {
+        TrainBias::None => Ok(vec![0.0; cout]),
+        TrainBias::Constant(b) | TrainBias::Learned(b) => {
+            let v = b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            if v.len() != cout {
+                candle_core::bail!("conv bias has {} values for {cout} channels", v.len());
+            }
+            Ok(v)
+        }
+    }
+}
+
+/// Candle's ops, made safe to differentiate: Candle 0.11's conv2d backward takes the output
+/// padding of its transposed convolution from the height alone, so a strided convolution
+/// whose height and width leave different remainders (P6/P7 on, say, a 25 × 34 P5) fails in
+/// backward. A tracked weight then runs at stride 1 and keeps every `stride`-th row and
+/// column: the same values, with a backward that works.
+fn candle_conv(
+    x: &Tensor,
+    w: &Tensor,
+    stride: usize,
+    padding: usize,
+    bias: TrainBias,
+    residual: Option<&Tensor>,
+    relu: bool,
+) -> Result<Tensor> {
+    let (_, _, h, wd) = x.dims4()?;
+    let k = w.dim(2)?;
+    let span = |i: usize| (i + 2 * padding).checked_sub(k);
+    let y = match (span(h), span(wd)) {
+        (Some(sh), Some(sw)) if stride > 1 && w.track_op() && sh % stride != sw % stride => {
+            let dense = x.conv2d(w, padding, 1, 1, 1)?;
+            let pick = |n: usize| Tensor::arange_step(0u32, n as u32, stride as u32, x.device());
+            dense
+                .index_select(&pick(sh + 1)?, 2)?
+                .index_select(&pick(sw + 1)?, 3)?
+        }
+        _ => x.conv2d(w, padding, stride, 1, 1)?,
+    };
+    let y = match bias {
+        TrainBias::None => y,
+        TrainBias::Constant(b) | TrainBias::Learned(b) => {
+            y.broadcast_add(&b.reshape((1, (), 1, 1))?)?
+        }
+    };
+    super::add_relu(y, residual, relu)
+}
+
+/// What the op's third argument is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extra {
+    None,
+    Bias,
+    Residual,
+}
+
+struct TrainConv {
+    conv: Arc<TrainConv2d>,
+    relu: bool,
+    extra: Extra,
+}
+
+/// `(n, cin, cout, h, w, ho, wo)`.
+type ConvDims = (usize, usize, usize, usize, usize, usize, usize);
+
+impl TrainConv {
+    fn forward(
+        &self,
+        x: (&[f32], &Layout),
+        w: &Layout,
+        extra: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, cin, h, wd) = x.1.shape().dims4()?;
+        let (cout, wcin, k, _) = w.shape().dims4()?;
+        let p = self.conv.geo.padding;
+        if cin != wcin || h + 2 * p < k || wd + 2 * p < k {
+            candle_core::bail!(
+                "conv: input {:?} does not fit weight {:?}",
+                x.1.shape(),
+                w.shape()
+            );
+        }
+        let (ho, wo) = self.conv.geo.output_size(h, wd);
+        let out_len = cout * ho * wo;
+        let mut out = match (self.extra, extra) {
+            (Extra::Residual, Some(r)) if r.len() == n * out_len => r.to_vec(),
+            (Extra::Residual, _) => {
+                candle_core::bail!("conv residual does not have {} values", n * out_len)
+            }
+            _ => vec![0f32; n * out_len],
+        };
+        for (i, o) in out.chunks_exact_mut(out_len).enumerate() {
+            let xi = &x.0[i * cin * h * wd..][..cin * h * wd];
+            self.conv.forward.run(xi, h, wd, o, self.relu);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, cout, ho, wo))))
+    }
+
+    /// Gradients of `x`, `w` and the third argument (each only where it is tracked).
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        extra: Option<&Tensor>,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]> {
+        let mut g = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        if self.relu {
+            // The ReLU passed gradient where its output is positive.
+            with_host(res, |r| {
+                g.par_iter_mut().zip(r.par_iter()).for_each(|(g, &r)| {
+                    if r <= 0.0 {
+                        *g = 0.0
+                    }
+                })
+            })?;
+        }
+        let (n, cin, h, wd) = x.dims4()?;
+        let (cout, _, k, _) = w.dims4()?;
+        let geo = self.conv.geo;
+        let (ho, wo) = geo.output_size(h, wd);
+        let dims = (n, cin, cout, h, wd, ho, wo);
+        let dev = x.device();
+        let gx = if !x.track_op() {
+            None
+        } else if geo.stride == 1 {
+            let (hd, wdd) = (h + 2 * geo.padding + 1 - k, wd + 2 * geo.padding + 1 - k);
+            let gx = self.conv.flipped()?.run_batch(&g, n, hd, wdd);
+            Some(Tensor::from_vec(gx, (n, cin, h, wd), dev)?)
+        } else {
+            let gx = with_host(w, |wv| grad_input_strided(&g, wv, geo, dims))?;
+            Some(Tensor::from_vec(gx, (n, cin, h, wd), dev)?)
+        };
+        let gw = if w.track_op() {
+            let gw = with_host(x, |xv| grad_weight(&g, xv, geo, dims))?;
+            Some(Tensor::from_vec(gw, (cout, cin, k, k), dev)?)
+        } else {
+            None
+        };
+        let ge = match (self.extra, extra) {
+            (Extra::Bias, Some(b)) if b.track_op() => Some(Tensor::from_vec(
+                channel_sums(&g, cout, ho * wo),
+                cout,
+                dev,
+            )?),
+            (Extra::Residual, Some(r)) if r.track_op() => {
+                Some(Tensor::from_vec(g, (n, cout, ho, wo), dev)?)
+            }
+            _ => None,
+        };
+        Ok([gx, gw, ge])
+    }
+}
+
+impl CustomOp2 for TrainConv {
+    fn name(&self) -> &'static str {
+        "fast-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let _ = ws;
+        self.forward((f32_of(xs, xl)?, xl), wl, None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, _] = self.backward(x, w, None, res, grad)?;
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp3 for TrainConv {
+    fn name(&self) -> &'static str {
+        "fast-conv2d-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        es: &CpuStorage,
+        el: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let extra = f32_of(es, el)?;
+        let _ = ws;
+        self.forward((f32_of(xs, xl)?, xl), wl, Some(extra))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        e: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, ge] = self.backward(x, w, Some(e), res, grad)?;
+        Ok((gx, gw, ge))
+    }
+}
+
+fn f32_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    super::f32_slice(s, l)
+}
+
+/// Runs `f` on the values of an f32 CPU tensor without copying them.
+fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => {
+            Ok(f(&v[layout.start_offset()..][..layout.shape().elem_count()]))
+        }
+        _ => candle_core::bail!("training conv: expected an f32 CPU tensor"),
+    }
+}
+
+/// A fused convolution from a host weight slice `(cout, cin, k, k)`.
+fn fused(
+    w: &[f32],
+    dims: (usize, usize, usize),
+    bias: Vec<f32>,
+    geo: Geometry,
+) -> Result<FusedConv2d> {
+    let (cout, cin, k) = dims;
+    let dev = candle_core::Device::Cpu;
+    let wt = Tensor::from_slice(w, (cout, cin, k, k), &dev)?;
+    let b = Tensor::from_vec(bias, cout, &dev)?;
+    FusedConv2d::with_algorithm(&wt, &b, geo.stride, geo.padding, TRAIN_ALGORITHM)
+}
+
+/// Per-channel sums of an `(n, c, plane)` gradient, accumulated in f64.
+fn channel_sums(g: &[f32], c: usize, plane: usize) -> Vec<f32> {
+    let mut sums = vec![0f64; c];
+    for (i, chunk) in g.chunks_exact(plane).enumerate() {
+        sums[i % c] += chunk.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    sums.into_iter().map(|s| s as f32).collect()
+}
+
+/// ∂L/∂x of a strided convolution: per image, the columns `wᵀ · g` (one product) scattered
+/// back onto the input positions they were read from. (Stride 1 is the convolution of the
+/// output gradient with the flipped kernel, [`TrainConv2d::flipped`].)
+fn grad_input_strided(g: &[f32], w: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
+    let (n, cin, cout, h, wd, ho, wo) = d;
+    let (k, s, p) = (geo.k, geo.stride, geo.padding);
+    let (kk, q) = (cin * k * k, ho * wo);
+    let mut gx = vec![0f32; n * cin * h * wd];
+    let mut cols = vec![0f32; kk * q];
+    for (img, gx_img) in gx.chunks_exact_mut(cin * h * wd).enumerate() {
+        let g_img = &g[img * cout * q..][..cout * q];
+        // SAFETY: cols is kk × q (row stride q); w is cout × kk, read transposed; g_img is
+        // cout × q.
+        unsafe {
+            gemm(
+                kk,
+                q,
+                cout,
+                cols.as_mut_ptr(),
+                1,
+                q as isize,
+                false,
+                w.as_ptr(),
+                kk as isize,
+                1,
+                g_img.as_ptr(),
+                1,
+                q as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(rayon::current_num_threads()),
+            );
+        }
+        // col2im: each input channel only receives its own k·k rows, so channels run in
+        // parallel without sharing writes.
+        gx_img
+            .par_chunks_exact_mut(h * wd)
+            .zip(cols.par_chunks_exact(k * k * q))
+            .for_each(|(plane, rows)| {
+                for (t, row) in rows.chunks_exact(q).enumerate() {
+                    let (ky, kx) = (t / k, t % k);
+                    for oy in 0..ho {
+                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&y| y < h) else {
+                            continue;
+                        };
+                        let dst = &mut plane[iy * wd..][..wd];
+                        for (ox, &v) in row[oy * wo..][..wo].iter().enumerate() {
+                            if let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&x| x < wd) {
+                                dst[ix] += v;
+                            }
+                        }
+                    }
+                }
+            });
+    }
+    gx
+}
+
+/// ∂L/∂w = Σ over images and positions of the output gradient times the im2col columns.
+fn grad_weight(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
+    let (n, cin, cout, h, w, ho, wo) = d;
+    let kk = cin * geo.k * geo.k;
+    let q = ho * wo;
+    let nb = (BAND_FLOATS / (cout + kk)).clamp(64, 2048);
+    let bands = q.div_ceil(nb);
+    let jobs = n * bands;
+    // A fixed split of the work, summed in order: the result does not depend on the thread
+    // count or on scheduling, so training runs (and resumes) are reproducible.
+    let chunks = jobs.min(GRAD_CHUNKS);
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let mut acc = vec![0f32; cout * kk];
+            let mut cols = vec![0f32; kk * nb];
+            for job in c * jobs / chunks..(c + 1) * jobs / chunks {
+                let (img, b) = (job / bands, job % bands);
+                let q0 = b * nb;
+                let len = nb.min(q - q0);
+                let band = &mut cols[..kk * len];
+                im2col(
+                    &geo,
+                    &x[img * cin * h * w..][..cin * h * w],
+                    h,
+                    w,
+                    q0,
+                    len,
+                    band,
+                );
+                let lhs = &g[img * cout * q + q0..];
+                // SAFETY: acc is cout × kk; lhs rows are q apart with len values from q0;
+                // band is kk × len, read transposed.
+                unsafe {
+                    gemm(
+                        cout,
+                        kk,
+                        len,
+                        acc.as_mut_ptr(),
+                        1,
+                        kk as isize,
+                        true,
+                        lhs.as_ptr(),
+                        1,
+                        q as isize,
+                        band.as_ptr(),
+                        len as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut total = vec![0f32; cout * kk];
+    for p in &partials {
+        total.iter_mut().zip(p).for_each(|(t, v)| *t += v);
+    }
+    total
+}
+
+/// Pieces the weight gradient is split into (then summed in order).
+const GRAD_CHUNKS: usize = 8;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Candle's ops on the same inputs (strided convolutions as stride 1, subsampled).
+    fn reference(
+        x: &Tensor,
+        w: &Tensor,
+        s: usize,
+        p: usize,
+        b: Option<&Tensor>,
+        r: Option<&Tensor>,
+        relu: bool,
+    ) -> Tensor {
+        let dense = x.conv2d(w, p, 1, 1, 1).unwrap();
+        let (_, _, dh, dw) = dense.dims4().unwrap();
+        let dev = x.device();
+        let pick = |n: usize| Tensor::arange_step(0u32, n as u32, s as u32, dev).unwrap();
+        let mut y = dense
+            .index_select(&pick(dh), 2)
+            .unwrap()
+            .index_select(&pick(dw), 3)
+            .unwrap();
+        if let Some(b) = b {
+            y = y.broadcast_add(&b.reshape((1, (), 1, 1)).unwrap()).unwrap();
+        }
+        if let Some(r) = r {
+            y = (y + r).unwrap();
+        }
+        if relu {
+            y.relu().unwrap()
+        } else {
+            y
+        }
+    }
+
+    #[test]
+    fn fused_train_conv_gradients_match_candle() {
+        let dev = Device::Cpu;
+        for (cin, cout, k, s, p, h, w) in [
+            (4, 6, 3, 1, 1, 7, 9),
+            (4, 6, 3, 2, 1, 7, 10),
+            (3, 5, 7, 2, 3, 13, 11),
+            (6, 4, 1, 2, 0, 9, 8),
+            (130, 8, 3, 1, 1, 6, 5),
+            (8, 130, 3, 1, 1, 9, 7),
+            (130, 140, 3, 1, 1, 10, 11),
+            (64, 48, 3, 2, 1, 24, 20),
+            (64, 48, 1, 2, 0, 25, 21),
+            (300, 20, 3, 2, 1, 9, 8),
+            (128, 256, 3, 2, 1, 50, 67),
+            (128, 256, 1, 2, 0, 50, 67),
+            // Above the Winograd threshold, forward and input gradient.
+            (130, 140, 3, 1, 1, 13, 14),
+        ] {
+            // (learned bias, residual, relu), including the bias-into-residual case.
+            for (bias, res, relu) in [
+                (false, false, false),
+                (true, false, true),
+                (false, true, true),
+                (true, true, false),
+                (true, true, true),
+            ] {
+                let x = Var::randn(0f32, 1.0, (2, cin, h, w), &dev).unwrap();
+                let wt = Var::randn(0f32, 0.2, (cout, cin, k, k), &dev).unwrap();
+                let b = Var::randn(0f32, 0.5, cout, &dev).unwrap();
+                let (ho, wo) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+                let r = Var::randn(0f32, 1.0, (2, cout, ho, wo), &dev).unwrap();
+                let (bt, rt) = (bias.then(|| b.as_tensor()), res.then(|| r.as_tensor()));
+                let tb = bt.map_or(TrainBias::None, TrainBias::Learned);
+                let ours =
+                    conv2d_train_fused(x.as_tensor(), wt.as_tensor(), s, p, tb, rt, relu).unwrap();
+                let theirs = reference(x.as_tensor(), wt.as_tensor(), s, p, bt, rt, relu);
+                assert_eq!(ours.dims(), theirs.dims());
+                let e = max_abs(&(&ours - &theirs).unwrap()) / max_abs(&theirs);
+                // F(4×4, 3×3) Winograd errs by up to ~2e-5 of the largest value.
+                assert!(e < 4e-5, "k{k} s{s} {cin}->{cout}: forward rel err {e}");
+                // Values within rounding of zero may fall either side of the ReLU: the
+                // reference gradient takes the ReLU's mask from our output.
+                let theirs = if relu {
+                    let pre = reference(x.as_tensor(), wt.as_tensor(), s, p, bt, rt, false);
+                    let mask = ours.gt(0f32).unwrap().to_dtype(DType::F32).unwrap();
+                    (pre * mask).unwrap()
+                } else {
+                    theirs
+                };
+                // A loss with position-dependent weights, so gradients are not uniform.
+                let m = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+                let lo = (ours * &m).unwrap().sum_all().unwrap().backward().unwrap();
+                let lt = (theirs * &m)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let mut checked = vec![&x, &wt];
+                checked.extend(bias.then_some(&b));
+                checked.extend(res.then_some(&r));
+                for v in checked {
+                    let a = lo.get(v.as_tensor()).expect("gradient");
+                    let t = lt.get(v.as_tensor()).unwrap();
+                    let rel = max_abs(&(a - t).unwrap()) / max_abs(t);
+                    assert!(
+                        rel < 4e-5,
+                        "k{k} s{s} {cin}->{cout} {h}x{w} bias {bias} res {res} relu {relu}: \
+                         grad {:?} rel err {rel}",
+                        v.dims()
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn constant_bias_gets_no_gradient_and_untracked_input_none() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 6, 6), &dev).unwrap();
+        let wt = Var::randn(0f32, 0.2, (5, 4, 3, 3), &dev).unwrap();
+        let shift = Tensor::randn(0f32, 1.0, (1, 5, 1, 1), &dev).unwrap();
+        let y = conv2d_train_fused(
+            &x,
+            wt.as_tensor(),
+            1,
+            1,
+            TrainBias::Constant(&shift),
+            None,
+            true,
+        )
+        .unwrap();
+        let theirs = reference(&x, wt.as_tensor(), 1, 1, Some(&shift), None, true);
+        assert!(max_abs(&(&y - &theirs).unwrap()) < 1e-5);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        assert!(grads.get(&x).is_none());
+        assert!(grads.get(&shift).is_none());
+        assert!(grads.get(wt.as_tensor()).is_some());
+    }
+}
