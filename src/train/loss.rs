@@ -117,6 +117,137 @@ pub fn sigmoid_focal_loss(
     })
 }
 
+/// `Σ_anchors w_a · Σ_k FL(x_ak, [k = label_a])` over `(N, A, K)` logits in one pass, with
+/// its gradient in one more: the same value as [`sigmoid_focal_loss`] against one-hot targets,
+/// weighted and summed, without the dozen `(N, A, K)` temporaries (and their gradients) that
+/// the elementwise ops create. Sums run in f64. `labels` holds a class per anchor (anything
+/// ≥ K for background and ignored anchors), `weights` 0 for ignored ones. f32 CPU tensors
+/// only; [`retinanet_losses`] falls back to the elementwise form elsewhere.
+pub fn focal_loss_sum(
+    logits: &Tensor,
+    labels: &[u32],
+    weights: &[f32],
+    alpha: Option<f64>,
+    gamma: f64,
+) -> Result<Tensor> {
+    let (n, a, k) = logits.dims3()?;
+    if labels.len() != n * a || weights.len() != n * a {
+        return Err(crate::Error::Invalid(format!(
+            "focal loss: {} labels and {} weights for {n}×{a} anchors",
+            labels.len(),
+            weights.len()
+        )));
+    }
+    let op = FocalSum {
+        labels: labels.to_vec(),
+        weights: weights.to_vec(),
+        k,
+        alpha,
+        gamma,
+    };
+    Ok(logits.contiguous()?.apply_op1(op)?)
+}
+
+struct FocalSum {
+    labels: Vec<u32>,
+    weights: Vec<f32>,
+    k: usize,
+    alpha: Option<f64>,
+    gamma: f64,
+}
+
+impl FocalSum {
+    /// Loss and ∂loss/∂x of one logit `x` with target `t` (0 or 1).
+    #[inline]
+    fn element(&self, x: f64, t: bool) -> (f64, f64) {
+        // With s = ±1 the sign that makes the logit "right": p_t = σ(s·x).
+        let s = if t { 1.0 } else { -1.0 };
+        let z = s * x;
+        // ce = −ln σ(z) = softplus(−z), finite for any z; q = 1 − p_t = σ(−z).
+        let ce = (-z).max(0.0) + (-z.abs()).exp().ln_1p();
+        let q = if z >= 0.0 {
+            let e = (-z).exp();
+            e / (1.0 + e)
+        } else {
+            1.0 / (1.0 + z.exp())
+        };
+        let alpha_t = match self.alpha {
+            Some(a) if t => a,
+            Some(a) => 1.0 - a,
+            None => 1.0,
+        };
+        let (qg, dqg) = if self.gamma == 2.0 {
+            (q * q, 2.0 * q)
+        } else {
+            (q.powf(self.gamma), self.gamma * q.powf(self.gamma - 1.0))
+        };
+        // d ce/dz = −q, d q/dz = −q·(1 − q); dz/dx = s.
+        let d = alpha_t * (dqg * (-q * (1.0 - q)) * ce + qg * -q) * s;
+        (alpha_t * qg * ce, d)
+    }
+}
+
+impl candle_core::CustomOp1 for FocalSum {
+    fn name(&self) -> &'static str {
+        "focal-loss-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("the fused focal loss runs on f32 logits");
+        };
+        let x = &v[layout.start_offset()..][..layout.shape().elem_count()];
+        let k = self.k;
+        let total: f64 = x
+            .par_chunks(k)
+            .zip(self.labels.par_iter().zip(self.weights.par_iter()))
+            .map(|(row, (&label, &w))| {
+                if w == 0.0 {
+                    return 0.0;
+                }
+                let sum: f64 = row
+                    .iter()
+                    .enumerate()
+                    .map(|(c, &xv)| self.element(xv as f64, c as u32 == label).0)
+                    .sum();
+                sum * w as f64
+            })
+            .sum();
+        Ok((candle_core::CpuStorage::F32(vec![total as f32]), ().into()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let scale = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let x: Vec<f32> = arg.flatten_all()?.to_vec1()?;
+        let k = self.k;
+        let mut g = vec![0f32; x.len()];
+        g.par_chunks_mut(k)
+            .zip(x.par_chunks(k))
+            .zip(self.labels.par_iter().zip(self.weights.par_iter()))
+            .for_each(|((gr, row), (&label, &w))| {
+                if w == 0.0 {
+                    return;
+                }
+                let f = scale * w as f64;
+                for (c, (gv, &xv)) in gr.iter_mut().zip(row).enumerate() {
+                    *gv = (f * self.element(xv as f64, c as u32 == label).1) as f32;
+                }
+            });
+        Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?))
+    }
+}
+
 /// Per-row L1 loss of `(M, 4)` predictions against targets, summed over the 4 columns.
 pub fn l1_loss(pred: &Tensor, target: &Tensor) -> Result<Tensor> {
     Ok((pred - target)?.abs()?.sum(D::Minus1)?)
@@ -277,14 +408,19 @@ pub fn retinanet_losses(
             targets.labels.len()
         )));
     }
-    // One-hot targets built on the device from per-anchor labels.
-    let labels = Tensor::from_vec(targets.labels.clone(), (n, a, 1), device)?;
-    let classes = Tensor::arange(0u32, k as u32, device)?.reshape((1, 1, k))?;
-    let onehot = labels.broadcast_eq(&classes)?.to_dtype(dtype)?;
-    let weights =
-        Tensor::from_vec(targets.cls_weights.clone(), (n, a, 1), device)?.to_dtype(dtype)?;
-    let focal = sigmoid_focal_loss(cls_logits, &onehot, config.alpha, config.gamma)?;
-    let classification = focal.broadcast_mul(&weights)?.sum_all()?;
+    let classification = if device.is_cpu() && dtype == DType::F32 {
+        let (labels, weights) = (&targets.labels, &targets.cls_weights);
+        focal_loss_sum(cls_logits, labels, weights, config.alpha, config.gamma)?
+    } else {
+        // One-hot targets built on the device from per-anchor labels.
+        let labels = Tensor::from_vec(targets.labels.clone(), (n, a, 1), device)?;
+        let classes = Tensor::arange(0u32, k as u32, device)?.reshape((1, 1, k))?;
+        let onehot = labels.broadcast_eq(&classes)?.to_dtype(dtype)?;
+        let weights =
+            Tensor::from_vec(targets.cls_weights.clone(), (n, a, 1), device)?.to_dtype(dtype)?;
+        let focal = sigmoid_focal_loss(cls_logits, &onehot, config.alpha, config.gamma)?;
+        focal.broadcast_mul(&weights)?.sum_all()?
+    };
 
     let m = targets.fg_rows.len();
     let box_regression = if m == 0 {
@@ -348,6 +484,61 @@ mod tests {
         assert_eq!(l[2], 0.0);
         assert!((l[3] - 250.0).abs() < 1e-3, "{l:?}");
         assert!((l[4] - 750.0).abs() < 1e-3, "{l:?}");
+    }
+
+    #[test]
+    fn fused_focal_sum_matches_elementwise_loss_and_gradient() {
+        let dev = Device::Cpu;
+        let (n, a, k) = (2, 7, 5);
+        let mut x: Vec<f32> = (0..n * a * k)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.7)
+            .collect();
+        x[3] = 80.0;
+        x[9] = -90.0;
+        let labels: Vec<u32> = (0..n * a).map(|i| [0, 3, u32::MAX, 4][i % 4]).collect();
+        let weights: Vec<f32> = (0..n * a).map(|i| [0.5, 0.25, 0.0, 1.0][i % 3]).collect();
+        for (alpha, gamma) in [(Some(0.25), 2.0), (None, 1.5)] {
+            let xv = candle_core::Var::from_vec(x.clone(), (n, a, k), &dev).unwrap();
+            let fused = focal_loss_sum(xv.as_tensor(), &labels, &weights, alpha, gamma).unwrap();
+            let lab = Tensor::from_vec(labels.clone(), (n, a, 1), &dev).unwrap();
+            let classes = Tensor::arange(0u32, k as u32, &dev).unwrap();
+            let onehot = lab
+                .broadcast_eq(&classes.reshape((1, 1, k)).unwrap())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let w = Tensor::from_vec(weights.clone(), (n, a, 1), &dev).unwrap();
+            let plain = sigmoid_focal_loss(xv.as_tensor(), &onehot, alpha, gamma)
+                .unwrap()
+                .broadcast_mul(&w)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let (f, p) = (
+                fused.to_scalar::<f32>().unwrap(),
+                plain.to_scalar::<f32>().unwrap(),
+            );
+            assert!((f - p).abs() <= 1e-5 * p.abs(), "{f} vs {p}");
+            let gf = fused.backward().unwrap();
+            let gp = plain.backward().unwrap();
+            let gf: Vec<f32> = gf
+                .get(&xv)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let gp: Vec<f32> = gp
+                .get(&xv)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (i, (a, b)) in gf.iter().zip(&gp).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-2), "{i}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]
