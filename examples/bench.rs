@@ -46,6 +46,9 @@ struct Args {
     /// Untimed warm-up runs.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Products in bf16 (`detect` and `postprocess` modes; CPUs with AVX512-BF16).
+    #[arg(long)]
+    bf16: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -135,6 +138,11 @@ fn main() -> Result<()> {
                 max_size: args.max_size,
                 ..Default::default()
             },
+            precision: if args.bf16 {
+                retinanet::conv::Precision::Bf16
+            } else {
+                retinanet::conv::Precision::F32
+            },
             ..Default::default()
         };
         let model = RetinaNet::load_with(weights, &Device::Cpu, &opts)?;
@@ -161,7 +169,7 @@ fn main() -> Result<()> {
     println!(
         "{}",
         serde_json::json!({
-            "impl": "retinanet",
+            "impl": if args.bf16 { "retinanet-bf16" } else { "retinanet" },
             "mode": args.mode,
             "batch": args.batch,
             "min_size": args.min_size,

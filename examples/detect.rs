@@ -20,6 +20,7 @@ use candle_core::Device;
 use clap::{Parser, ValueEnum};
 use image::{Rgb, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
+use retinanet::conv::Precision;
 use retinanet::hub::{write_atomic, HubOptions};
 use retinanet::tiling::{detect_tiled, TileConfig};
 use retinanet::{zoo, Detection, LoadOptions, PostProcessConfig, RetinaNet, TransformConfig};
@@ -47,6 +48,10 @@ struct Args {
     /// Where to run: auto picks CUDA, then Metal, then the CPU.
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// Precision of the CPU convolutions' products in the FPN and heads: bf16 (CPUs with
+    /// AVX512-BF16) is about 1.2× faster, with scores within ~0.01 of f32.
+    #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
+    precision: PrecisionArg,
     /// Class names, one per label: a JSON array or one name per line (default: the
     /// checkpoint's metadata, else COCO's for 91-class models).
     #[arg(long)]
@@ -94,6 +99,12 @@ struct Args {
     /// Images, folders (their .jpg/.jpeg/.png files) and glob patterns.
     #[arg(required_unless_present = "list_models")]
     images: Vec<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum PrecisionArg {
+    F32,
+    Bf16,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -401,6 +412,10 @@ fn load_model(args: &Args, device: &Device) -> Result<RetinaNet> {
             nms_thresh: args.nms_threshold,
             detections_per_img: args.max_detections,
             ..Default::default()
+        },
+        precision: match args.precision {
+            PrecisionArg::F32 => Precision::F32,
+            PrecisionArg::Bf16 => Precision::Bf16,
         },
         ..Default::default()
     };

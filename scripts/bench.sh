@@ -27,16 +27,21 @@ cargo build --release --example bench -q
 export RAYON_NUM_THREADS="$threads" OMP_NUM_THREADS="$threads"
 out=target/bench/results.jsonl
 : > "$out"
-run_row() { # name, args...
+run_row() { # name, args... (a name with "bf16" runs ours with bf16 products)
   local name="$1"; shift
+  local extra=()
+  [[ "$name" == *bf16* ]] && extra=(--bf16)
   for r in $(seq "$rounds"); do
-    ours="$(./target/release/examples/bench --runs "$runs" "$@")"
+    ours="$(./target/release/examples/bench --runs "$runs" "$@" "${extra[@]}")"
     theirs="$("$py" scripts/bench_torchvision.py --threads "$threads" --runs "$runs" "$@")"
     echo "{\"row\": \"$name\", \"round\": $r, \"ours\": $ours, \"theirs\": $theirs}" >> "$out"
   done
 }
 common=(--weights "$weights")
 run_row "detect 800x1066, batch 1" "${common[@]}" --image "$image" --mode detect
+if grep -q avx512_bf16 /proc/cpuinfo 2>/dev/null; then
+  run_row "detect 800x1066, batch 1, ours bf16 (FPN + heads)" "${common[@]}" --image "$image" --mode detect
+fi
 run_row "detect 800x1066, batch 4" "${common[@]}" --image "$image" --mode detect --batch 4
 run_row "detect 512x512, batch 1" "${common[@]}" --image "$square" --mode detect --min-size 512 --max-size 512
 run_row "detect 512x512, batch 4" "${common[@]}" --image "$square" --mode detect --min-size 512 --max-size 512 --batch 4

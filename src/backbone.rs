@@ -7,7 +7,7 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{conv2d_no_bias, Conv2dConfig, VarBuilder};
 
-use crate::conv::{conv2d_train_fused, Conv, TrainBias};
+use crate::conv::{conv2d_train_fused, Conv, Precision, TrainBias};
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -157,9 +157,9 @@ impl ConvBn {
     }
 
     /// Folds the batch norm into the convolution's weights and bias (inference only).
-    pub fn fuse(&mut self) -> Result<()> {
+    pub fn fuse(&mut self, precision: Precision) -> Result<()> {
         if let Some(bn) = &self.bn {
-            self.conv.fuse(Some((&bn.scale, &bn.shift)))?;
+            self.conv.fuse(Some((&bn.scale, &bn.shift)), precision)?;
             if matches!(self.conv, Conv::Fused(_)) {
                 self.bn = None;
             }
@@ -233,9 +233,9 @@ impl Block {
         last.forward(&y, Some(&identity), true)
     }
 
-    fn fuse(&mut self) -> Result<()> {
+    fn fuse(&mut self, precision: Precision) -> Result<()> {
         for c in self.convs.iter_mut().chain(self.downsample.as_mut()) {
-            c.fuse()?;
+            c.fuse(precision)?;
         }
         Ok(())
     }
@@ -243,7 +243,7 @@ impl Block {
     fn fuse_frozen(&mut self) -> Result<()> {
         for c in self.convs.iter_mut().chain(self.downsample.as_mut()) {
             if c.is_frozen() {
-                c.fuse()?;
+                c.fuse(Precision::F32)?;
             }
         }
         Ok(())
@@ -279,10 +279,10 @@ impl ResNet {
     }
 
     /// Folds every batch norm into its convolution (inference only).
-    pub fn fuse(&mut self) -> Result<()> {
-        self.stem.fuse()?;
+    pub fn fuse(&mut self, precision: Precision) -> Result<()> {
+        self.stem.fuse(precision)?;
         for block in self.layers.iter_mut().flatten() {
-            block.fuse()?;
+            block.fuse(precision)?;
         }
         Ok(())
     }
@@ -291,7 +291,7 @@ impl ResNet {
     /// training leaves frozen) into the fast inference path; trained ones stay differentiable.
     pub fn fuse_frozen(&mut self) -> Result<()> {
         if self.stem.is_frozen() {
-            self.stem.fuse()?;
+            self.stem.fuse(Precision::F32)?;
         }
         for block in self.layers.iter_mut().flatten() {
             block.fuse_frozen()?;

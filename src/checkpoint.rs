@@ -68,6 +68,9 @@ pub struct LoadOptions {
     /// [`RetinaNet::fuse_for_inference`](crate::RetinaNet::fuse_for_inference)); turn off to
     /// keep the model differentiable.
     pub fuse: bool,
+    /// Precision of the fused CPU kernels' products in the FPN and heads: f32, or bf16 on
+    /// CPUs with AVX512-BF16 (see `conv::Precision` and `RetinaNet::fuse_for_inference_with`).
+    pub precision: crate::conv::Precision,
 }
 
 impl Default for LoadOptions {
@@ -79,6 +82,7 @@ impl Default for LoadOptions {
             transform: TransformConfig::default(),
             postprocess: PostProcessConfig::default(),
             fuse: true,
+            precision: crate::conv::Precision::F32,
         }
     }
 }

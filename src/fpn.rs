@@ -94,13 +94,13 @@ impl Fpn {
     }
 
     /// Switches every convolution to the fast inference path.
-    pub fn fuse(&mut self) -> Result<()> {
+    pub fn fuse(&mut self, precision: crate::conv::Precision) -> Result<()> {
         let convs = self
             .inner_blocks
             .iter_mut()
             .chain(self.layer_blocks.iter_mut());
         for conv in convs.chain([&mut self.p6, &mut self.p7]) {
-            conv.fuse(None)?;
+            conv.fuse(None, precision)?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 
-use crate::conv::{Conv, PreparedConv};
+use crate::conv::{Conv, Precision, PreparedConv};
 
 /// One conv of a subnet's trunk: `conv.{i}.0` and, in v2, GroupNorm `conv.{i}.1`.
 #[derive(Debug, Clone)]
@@ -96,11 +96,11 @@ impl Subnet {
             .reshape((n, (), k))
     }
 
-    fn fuse(&mut self) -> Result<()> {
+    fn fuse(&mut self, precision: Precision) -> Result<()> {
         for layer in &mut self.trunk {
-            layer.conv.fuse(None)?;
+            layer.conv.fuse(None, precision)?;
         }
-        self.out.fuse(None)
+        self.out.fuse(None, precision)
     }
 
     fn forward(&self, levels: &[Tensor]) -> Result<Tensor> {
@@ -156,9 +156,9 @@ impl RetinaNetHead {
     }
 
     /// Switches every convolution to the fast inference path.
-    pub fn fuse(&mut self) -> Result<()> {
-        self.classification.fuse()?;
-        self.regression.fuse()
+    pub fn fuse(&mut self, precision: Precision) -> Result<()> {
+        self.classification.fuse(precision)?;
+        self.regression.fuse(precision)
     }
 
     /// Class logits `(N, ΣHWA, K)` and box deltas `(N, ΣHWA, 4)` over all levels.

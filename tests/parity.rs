@@ -238,3 +238,75 @@ fn architecture_is_read_from_the_checkpoint() {
         assert_eq!(p6_from_c5, v2, "{name}");
     }
 }
+
+/// The opt-in bf16 products (FPN and heads), measured against torchvision's float32 run on
+/// the ResNet-50 fixtures: relative error of the head outputs and how many of torchvision's
+/// detections are found again (same label, IoU ≥ 0.9, score within 0.01). Skipped where the
+/// CPU lacks AVX512-BF16.
+#[test]
+fn bf16_products_accuracy_cost() {
+    if !retinanet::conv::bf16::supported() {
+        eprintln!("skipped: this CPU has no AVX512-BF16");
+        return;
+    }
+    for name in ["v2_r50_coco", "v1_r50_coco"] {
+        let dir = config_dir(name);
+        let meta = read_meta(&dir);
+        let expected =
+            candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
+                .expect("expected.safetensors");
+        let opts = LoadOptions {
+            transform: TransformConfig {
+                min_size: meta.min_size,
+                max_size: meta.max_size,
+                ..Default::default()
+            },
+            precision: retinanet::conv::Precision::Bf16,
+            ..Default::default()
+        };
+        let model = RetinaNet::load_with(dir.join("model.safetensors"), &Device::Cpu, &opts)
+            .expect("model loads");
+        let images: Vec<_> = meta
+            .images
+            .iter()
+            .map(|p| image::open(p).expect("fixture image").to_rgb8())
+            .collect();
+        let batch = model.preprocess(&images).unwrap();
+        let raw = model.forward_raw(&batch).unwrap();
+        let cls = rel_err(&raw.cls_logits, &expected["cls_logits"]);
+        let reg = rel_err(&raw.bbox_regression, &expected["bbox_regression"]);
+        eprintln!("{name} bf16: cls_logits rel err {cls:.2e}, bbox_regression {reg:.2e}");
+        assert!(cls < 2e-2 && reg < 2e-2, "{name}: bf16 head outputs off");
+        let dets = model.postprocess(&raw, &batch).unwrap();
+        for (i, ours) in dets.iter().enumerate() {
+            let theirs = reference_detections(&expected, i);
+            let mut used = vec![false; ours.len()];
+            let mut matched = 0;
+            let mut worst = 0f32;
+            for t in &theirs {
+                let hit = ours.iter().enumerate().position(|(j, o)| {
+                    !used[j]
+                        && o.label == t.label
+                        && (o.score - t.score).abs() <= 0.01
+                        && iou(&o.bbox, &t.bbox) >= 0.9
+                });
+                if let Some(j) = hit {
+                    used[j] = true;
+                    matched += 1;
+                    worst = worst.max((ours[j].score - t.score).abs());
+                }
+            }
+            let share = matched as f32 / theirs.len().max(1) as f32;
+            eprintln!(
+                "{name} bf16 image {i}: {matched}/{} torchvision detections found again \
+                 (IoU ≥ 0.9, |Δscore| ≤ 0.01; worst matched |Δscore| {worst:.4})",
+                theirs.len()
+            );
+            assert!(
+                share >= 0.9,
+                "{name} image {i}: only {matched} of {}",
+                theirs.len()
+            );
+        }
+    }
+}

@@ -23,6 +23,7 @@ use candle_core::{
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+pub mod bf16;
 pub mod train;
 pub use train::{conv2d_train, conv2d_train_fused, TrainBias, TrainConv2d};
 
@@ -34,6 +35,8 @@ pub struct FusedConv2d {
     packed: Vec<f32>,
     /// Winograd weights for 3×3 stride-1 convs.
     winograd: Option<Winograd>,
+    /// The weights again as bf16 left operands, for [`Precision::Bf16`].
+    bf16: Option<Box<Bf16Weights>>,
     bias: Vec<f32>,
     cin: usize,
     cout: usize,
@@ -79,7 +82,24 @@ impl FusedConv2d {
             Algorithm::Winograd2 => Some(&F2),
             Algorithm::Auto | Algorithm::Winograd4 => Some(&F4),
         };
-        Self::with_spec(weight, bias, stride, padding, spec)
+        Self::with_spec(weight, bias, stride, padding, spec, Precision::F32)
+    }
+
+    /// As [`FusedConv2d::new`] at the given precision of the products.
+    pub fn with_precision(
+        weight: &Tensor,
+        bias: &Tensor,
+        stride: usize,
+        padding: usize,
+        precision: Precision,
+    ) -> Result<Self> {
+        // F(4×4)'s transforms multiply entries by up to 5 before the products and cancel
+        // them after: with bf16 operands that is 6 % error; F(2×2)'s ±1, ½ keep it at 0.5 %.
+        let spec = match precision {
+            Precision::F32 => &F4,
+            Precision::Bf16 => &F2,
+        };
+        Self::with_spec(weight, bias, stride, padding, Some(spec), precision)
     }
 
     fn with_spec(
@@ -88,6 +108,7 @@ impl FusedConv2d {
         stride: usize,
         padding: usize,
         spec: Option<&'static Spec>,
+        precision: Precision,
     ) -> Result<Self> {
         tune_allocator();
         let (cout, cin, k, k2) = weight.dims4()?;
@@ -109,9 +130,22 @@ impl FusedConv2d {
             }
             _ => None,
         };
+        let packed: Vec<f32> = packed.flatten_all()?.to_vec1()?;
+        let bf16 = match precision {
+            Precision::F32 => None,
+            Precision::Bf16 if !bf16::supported() => {
+                candle_core::bail!("bf16 products need a CPU with AVX512-BF16")
+            }
+            Precision::Bf16 => Some(Box::new(Bf16Weights::new(
+                &packed,
+                winograd.as_ref(),
+                (cout, cin, k, stride),
+            ))),
+        };
         Ok(Self {
             winograd,
-            packed: packed.flatten_all()?.to_vec1()?,
+            bf16,
+            packed,
             bias: bias.to_dtype(DType::F32)?.to_vec1()?,
             cin,
             cout,
@@ -163,7 +197,7 @@ impl FusedConv2d {
                 4 => self.run_winograd::<4, 2>(wg, x, h, w, &epilogue),
                 _ => self.run_winograd::<6, 4>(wg, x, h, w, &epilogue),
             }
-        } else if k == 1 && self.stride == 1 {
+        } else if k == 1 && self.stride == 1 && self.bf16.is_none() {
             self.run_pointwise(x, h * w, out, relu);
         } else if self.stride == 1 {
             // Outputs on the padded width: column q is (q / wp, q % wp); q % wp ≥ wo is
@@ -184,7 +218,15 @@ impl FusedConv2d {
                     // SAFETY: the last column read is q0 + nb − 1 + (k−1)·wp + k−1 <
                     // hp·wp on every input plane.
                     unsafe {
-                        self.product(dst, nb, t > 0, tap, self.cin, &input[offset..], hp * wp)
+                        self.product(
+                            dst,
+                            nb,
+                            t > 0,
+                            (tap, Lhs::Tap(t)),
+                            self.cin,
+                            &input[offset..],
+                            hp * wp,
+                        )
                     };
                 }
                 epilogue.write(dst, nb, |j| {
@@ -197,7 +239,7 @@ impl FusedConv2d {
             self.for_each_band(ho * wo, kk, |q0, nb, dst, cols| {
                 self.im2col(x, h, w, q0, nb, cols);
                 // SAFETY: cols is kk × nb, dst cout × nb.
-                unsafe { self.product(dst, nb, false, &self.packed, kk, cols, nb) };
+                unsafe { self.product(dst, nb, false, (&self.packed, Lhs::Im2col), kk, cols, nb) };
                 epilogue.write(dst, nb, |j| Some(q0 + j));
             });
         }
@@ -277,7 +319,7 @@ impl FusedConv2d {
                     let rhs = &v[xi * cin * n..][..cin * n];
                     let dst = &mut m[xi * cout * n..][..cout * n];
                     // SAFETY: lhs is cout × cin, rhs cin × n, dst cout × n.
-                    unsafe { self.product(dst, n, false, lhs, cin, rhs, n) };
+                    unsafe { self.product(dst, n, false, (lhs, Lhs::Winograd(xi)), cin, rhs, n) };
                 }
                 epilogue.write_winograd::<T, M>(&m[..tt * cout * n], cout, n, t0, &geo);
             },
@@ -332,11 +374,14 @@ impl FusedConv2d {
         dst: &mut [f32],
         n: usize,
         accumulate: bool,
-        lhs: &[f32],
+        (lhs, which): (&[f32], Lhs),
         kdim: usize,
         rhs: &[f32],
         rhs_rs: usize,
     ) {
+        if let Some(b) = &self.bf16 {
+            return bf16::gemm(b.get(which), rhs, rhs_rs, n, dst, accumulate);
+        }
         gemm(
             self.cout,
             n,
@@ -523,6 +568,70 @@ impl Winograd {
             }
         });
         Self { spec, u }
+    }
+}
+
+/// Precision of the convolutions' products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// f32 throughout (the default; matches torchvision to ~1e-5).
+    #[default]
+    F32,
+    /// Weights and activations rounded to bfloat16 inside the products, accumulated in f32
+    /// (CPUs with AVX512-BF16; see [`bf16::supported`]). Everything between the products
+    /// (bias, residuals, ReLU, Winograd transforms, post-processing) stays f32, and
+    /// [`crate::RetinaNet`] applies it to the FPN and heads only.
+    Bf16,
+}
+
+/// Which constant operand a product multiplies by.
+#[derive(Debug, Clone, Copy)]
+enum Lhs {
+    /// Kernel tap `t` (stride-1 convolutions), `cout × cin`.
+    Tap(usize),
+    /// The whole kernel in im2col order (strided convolutions), `cout × cin·k·k`.
+    Im2col,
+    /// Winograd position `ξ`, `cout × cin`.
+    Winograd(usize),
+}
+
+/// The bf16 forms of a convolution's constant operands.
+#[derive(Debug, Clone)]
+struct Bf16Weights {
+    taps: Vec<bf16::PackedA>,
+    im2col: Option<bf16::PackedA>,
+    winograd: Vec<bf16::PackedA>,
+}
+
+impl Bf16Weights {
+    /// From the f32 packing (`[tap][cout][cin]` for stride 1, `[cout][cin·k·k]` otherwise)
+    /// and the Winograd weights.
+    fn new(
+        packed: &[f32],
+        wg: Option<&Winograd>,
+        (cout, cin, k, stride): (usize, usize, usize, usize),
+    ) -> Self {
+        let per = |v: &[f32]| {
+            v.chunks_exact(cout * cin)
+                .map(|m| bf16::PackedA::new(m, cout, cin))
+                .collect()
+        };
+        Self {
+            taps: if stride == 1 { per(packed) } else { Vec::new() },
+            im2col: (stride != 1).then(|| bf16::PackedA::new(packed, cout, cin * k * k)),
+            winograd: wg.map_or_else(Vec::new, |w| per(&w.u)),
+        }
+    }
+
+    fn get(&self, which: Lhs) -> &bf16::PackedA {
+        match which {
+            Lhs::Tap(t) => &self.taps[t],
+            Lhs::Im2col => self
+                .im2col
+                .as_ref()
+                .expect("strided convolutions pack im2col"),
+            Lhs::Winograd(xi) => &self.winograd[xi],
+        }
     }
 }
 
@@ -911,7 +1020,11 @@ impl Conv {
 
     /// Replaces a plain convolution by its fused form (weights scaled per output channel by
     /// `scale` and shifted by `shift`, i.e. a folded batch norm, when given).
-    pub fn fuse(&mut self, scale_shift: Option<(&Tensor, &Tensor)>) -> Result<()> {
+    pub fn fuse(
+        &mut self,
+        scale_shift: Option<(&Tensor, &Tensor)>,
+        precision: Precision,
+    ) -> Result<()> {
         let Conv::Plain(c) = self else {
             return Ok(());
         };
@@ -934,7 +1047,10 @@ impl Conv {
                 (w, b)
             }
         };
-        *self = Conv::Fused(FusedConv2d::new(&weight, &bias, cfg.stride, cfg.padding)?);
+        let (s, p) = (cfg.stride, cfg.padding);
+        *self = Conv::Fused(FusedConv2d::with_precision(
+            &weight, &bias, s, p, precision,
+        )?);
         Ok(())
     }
 }
@@ -1089,6 +1205,39 @@ mod tests {
     }
 
     #[test]
+    fn bf16_products_match_f32_within_bf16_rounding() {
+        if !bf16::supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let dev = Device::Cpu;
+        // Taps (stride 1, with and without padding), im2col (strided), Winograd.
+        for (cin, cout, k, s, p, h, w) in [
+            (8, 16, 1, 1, 0, 9, 13),
+            (8, 16, 3, 1, 1, 9, 13),
+            (8, 16, 3, 2, 1, 9, 13),
+            (3, 16, 7, 2, 3, 17, 22),
+            (64, 32, 3, 1, 1, 13, 14),
+            (130, 40, 3, 1, 1, 20, 17),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.1, (cout, cin, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let f32c = FusedConv2d::with_precision(&wt, &b, s, p, Precision::F32).unwrap();
+            let bf = FusedConv2d::with_precision(&wt, &b, s, p, Precision::Bf16).unwrap();
+            let a = f32c.forward(&x, None, false).unwrap();
+            let o = bf.forward(&x, None, false).unwrap();
+            let err = (&a - &o).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = a.abs().unwrap().max_all().unwrap();
+            let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+            assert!(
+                rel < 1e-2,
+                "k{k} s{s} {cin}->{cout} {h}x{w}: bf16 rel err {rel}"
+            );
+        }
+    }
+
+    #[test]
     fn max_pool_matches_padded_candle_pool() {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 12), &Device::Cpu).unwrap();
         let reference = x
@@ -1122,7 +1271,8 @@ mod tests {
             let scale = d.abs().unwrap().max_all().unwrap();
             let scale = scale.to_scalar::<f32>().unwrap();
             for (spec, bound) in [(&F2, 2e-6), (&F4, 2e-5)] {
-                let wino = FusedConv2d::with_spec(&wt, &b, 1, 1, Some(spec)).unwrap();
+                let wino =
+                    FusedConv2d::with_spec(&wt, &b, 1, 1, Some(spec), Precision::F32).unwrap();
                 assert!(wino.winograd.is_some());
                 let a = wino.forward(&x, None, false).unwrap();
                 let err = (&a - &d).unwrap().abs().unwrap().max_all().unwrap();
