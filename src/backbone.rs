@@ -156,6 +156,18 @@ impl ConvBn {
         matches!(self.conv, Conv::Fused(_))
     }
 
+    /// As [`ConvBn::fuse`] for a frozen layer of a model in training (see
+    /// [`Conv::fuse_frozen`]).
+    fn fuse_frozen(&mut self) -> Result<()> {
+        if let Some(bn) = &self.bn {
+            self.conv.fuse_frozen(Some((&bn.scale, &bn.shift)))?;
+            if matches!(self.conv, Conv::Fused(_)) {
+                self.bn = None;
+            }
+        }
+        Ok(())
+    }
+
     /// Folds the batch norm into the convolution's weights and bias (inference only).
     pub fn fuse(&mut self, precision: Precision) -> Result<()> {
         if let Some(bn) = &self.bn {
@@ -243,7 +255,7 @@ impl Block {
     fn fuse_frozen(&mut self) -> Result<()> {
         for c in self.convs.iter_mut().chain(self.downsample.as_mut()) {
             if c.is_frozen() {
-                c.fuse(Precision::F32)?;
+                c.fuse_frozen()?;
             }
         }
         Ok(())
@@ -291,7 +303,7 @@ impl ResNet {
     /// training leaves frozen) into the fast inference path; trained ones stay differentiable.
     pub fn fuse_frozen(&mut self) -> Result<()> {
         if self.stem.is_frozen() {
-            self.stem.fuse(Precision::F32)?;
+            self.stem.fuse_frozen()?;
         }
         for block in self.layers.iter_mut().flatten() {
             block.fuse_frozen()?;

@@ -1025,6 +1025,25 @@ impl Conv {
         scale_shift: Option<(&Tensor, &Tensor)>,
         precision: Precision,
     ) -> Result<()> {
+        self.fuse_with(scale_shift, |w, b, s, p| {
+            FusedConv2d::with_precision(w, b, s, p, precision)
+        })
+    }
+
+    /// As [`Conv::fuse`] for a frozen layer of a model in training: the same F(2×2, 3×3)
+    /// Winograd as the trained layers, since F(4×4)'s error in the frozen stages' output
+    /// pushed deep float32 gradients past the torchvision parity tolerance.
+    pub fn fuse_frozen(&mut self, scale_shift: Option<(&Tensor, &Tensor)>) -> Result<()> {
+        self.fuse_with(scale_shift, |w, b, s, p| {
+            FusedConv2d::with_algorithm(w, b, s, p, train::TRAIN_ALGORITHM)
+        })
+    }
+
+    fn fuse_with(
+        &mut self,
+        scale_shift: Option<(&Tensor, &Tensor)>,
+        make: impl FnOnce(&Tensor, &Tensor, usize, usize) -> Result<FusedConv2d>,
+    ) -> Result<()> {
         let Conv::Plain(c) = self else {
             return Ok(());
         };
@@ -1047,10 +1066,7 @@ impl Conv {
                 (w, b)
             }
         };
-        let (s, p) = (cfg.stride, cfg.padding);
-        *self = Conv::Fused(FusedConv2d::with_precision(
-            &weight, &bias, s, p, precision,
-        )?);
+        *self = Conv::Fused(make(&weight, &bias, cfg.stride, cfg.padding)?);
         Ok(())
     }
 }

@@ -33,7 +33,7 @@ pub enum TrainBias<'a> {
 /// F(2×2, 3×3) is as accurate as the direct products and 1.5–1.8× faster on the heads and the
 /// FPN; F(4×4)'s extra ~1e-5 error, amplified through twenty layers of backward, pushed deep
 /// float32 gradients past the torchvision parity tolerance.
-const TRAIN_ALGORITHM: Algorithm = Algorithm::Winograd2;
+pub(super) const TRAIN_ALGORITHM: Algorithm = Algorithm::Winograd2;
 
 /// A differentiable convolution without bias, `x (n, cin, h, w) ⋆ w (cout, cin, k, k)`.
 pub fn conv2d_train(x: &Tensor, w: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
@@ -500,28 +500,29 @@ fn grad_weight(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
     // A fixed split of the work, summed in order: the result does not depend on the thread
     // count or on scheduling, so training runs (and resumes) are reproducible.
     let chunks = jobs.min(GRAD_CHUNKS);
+    let pointwise = geo.k == 1 && geo.stride == 1 && geo.padding == 0;
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|c| {
             let mut acc = vec![0f32; cout * kk];
-            let mut cols = vec![0f32; kk * nb];
+            let mut cols = vec![0f32; if pointwise { 0 } else { kk * nb }];
             for job in c * jobs / chunks..(c + 1) * jobs / chunks {
                 let (img, b) = (job / bands, job % bands);
                 let q0 = b * nb;
                 let len = nb.min(q - q0);
-                let band = &mut cols[..kk * len];
-                im2col(
-                    &geo,
-                    &x[img * cin * h * w..][..cin * h * w],
-                    h,
-                    w,
-                    q0,
-                    len,
-                    band,
-                );
+                let image = &x[img * cin * h * w..][..cin * h * w];
+                // A 1×1 stride-1 convolution reads its columns straight from the input
+                // (rows q apart); anything else copies them into an im2col band.
+                let (band, band_rs): (&[f32], usize) = if pointwise {
+                    (&image[q0..], q)
+                } else {
+                    let band = &mut cols[..kk * len];
+                    im2col(&geo, image, h, w, q0, len, band);
+                    (band, len)
+                };
                 let lhs = &g[img * cout * q + q0..];
                 // SAFETY: acc is cout × kk; lhs rows are q apart with len values from q0;
-                // band is kk × len, read transposed.
+                // band holds kk rows of band_rs with len values each, read transposed.
                 unsafe {
                     gemm(
                         cout,
@@ -535,7 +536,7 @@ fn grad_weight(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
                         1,
                         q as isize,
                         band.as_ptr(),
-                        len as isize,
+                        band_rs as isize,
                         1,
                         1.0,
                         1.0,
@@ -613,6 +614,7 @@ mod tests {
             (4, 6, 3, 2, 1, 7, 10),
             (3, 5, 7, 2, 3, 13, 11),
             (6, 4, 1, 2, 0, 9, 8),
+            (24, 12, 1, 1, 0, 9, 11),
             (130, 8, 3, 1, 1, 6, 5),
             (8, 130, 3, 1, 1, 9, 7),
             (130, 140, 3, 1, 1, 10, 11),
