@@ -704,6 +704,64 @@ fn winograd_input<const T: usize, const M: usize>(
     n: usize,
     v: &mut [f32],
 ) {
+    if T == 4 {
+        // F(2×2)'s transforms are a few additions: gathering into lanes costs more.
+        return winograd_input_per_tile::<T, M>(x, cin, grid, t0, n, v);
+    }
+    let (hp, wp) = (grid.hp, grid.wp);
+    for c in 0..cin {
+        let plane = &x[c * hp * wp..][..hp * wp];
+        // LANES tiles at a time: gathered into lane arrays, the transforms vectorise across
+        // tiles and each V_ξ row is stored contiguously.
+        let mut j = 0;
+        while j < n {
+            let lanes = LANES.min(n - j);
+            let mut d = [[[0f32; LANES]; T]; T];
+            for l in 0..lanes {
+                let (ty, tx) = ((t0 + j + l) / grid.tw, (t0 + j + l) % grid.tw);
+                let base = M * ty * wp + M * tx;
+                for (r, row) in d.iter_mut().enumerate() {
+                    for (col, lane) in row.iter_mut().enumerate() {
+                        lane[l] = plane[base + r * wp + col];
+                    }
+                }
+            }
+            // Bᵀ·d column by column, then ·B row by row.
+            let mut tmp = [[[0f32; LANES]; T]; T];
+            for col in 0..T {
+                for l in 0..LANES {
+                    let o = bt::<T>(std::array::from_fn(|r| d[r][col][l]));
+                    for (i, &val) in o.iter().enumerate() {
+                        tmp[i][col][l] = val;
+                    }
+                }
+            }
+            for (i, row) in tmp.iter().enumerate() {
+                let mut out = [[0f32; LANES]; T];
+                for l in 0..LANES {
+                    let o = bt::<T>(std::array::from_fn(|cc| row[cc][l]));
+                    for (jj, &val) in o.iter().enumerate() {
+                        out[jj][l] = val;
+                    }
+                }
+                for (jj, lane) in out.iter().enumerate() {
+                    v[((i * T + jj) * cin + c) * n + j..][..lanes].copy_from_slice(&lane[..lanes]);
+                }
+            }
+            j += lanes;
+        }
+    }
+}
+
+/// [`winograd_input`] one tile at a time.
+fn winograd_input_per_tile<const T: usize, const M: usize>(
+    x: &[f32],
+    cin: usize,
+    grid: &TileGrid,
+    t0: usize,
+    n: usize,
+    v: &mut [f32],
+) {
     let (hp, wp) = (grid.hp, grid.wp);
     for c in 0..cin {
         let plane = &x[c * hp * wp..][..hp * wp];
@@ -727,6 +785,9 @@ fn winograd_input<const T: usize, const M: usize>(
         }
     }
 }
+
+/// Tiles transformed together in the Winograd transforms.
+const LANES: usize = 16;
 
 /// A pointer shared by bands that write disjoint elements.
 #[derive(Clone, Copy)]
@@ -778,6 +839,77 @@ impl Epilogue<'_> {
 impl Epilogue<'_> {
     /// Y = Aᵀ·M·A for every (cout, tile) of a band, then bias, residual and ReLU.
     fn write_winograd<const T: usize, const M: usize>(
+        &self,
+        m: &[f32],
+        cout: usize,
+        n: usize,
+        t0: usize,
+        grid: &TileGrid,
+    ) {
+        if T == 4 {
+            return self.write_winograd_per_tile::<T, M>(m, cout, n, t0, grid);
+        }
+        for (co, &b) in self.bias.iter().enumerate().take(cout) {
+            let mut j = 0;
+            while j < n {
+                let lanes = LANES.min(n - j);
+                let mut mv = [[[0f32; LANES]; T]; T];
+                for (r, row) in mv.iter_mut().enumerate() {
+                    for (col, lane) in row.iter_mut().enumerate() {
+                        let src = &m[((r * T + col) * cout + co) * n + j..][..lanes];
+                        lane[..lanes].copy_from_slice(src);
+                    }
+                }
+                // Aᵀ·M column by column, then ·A row by row, across LANES tiles at once.
+                let mut am = [[[0f32; LANES]; T]; M];
+                for col in 0..T {
+                    for l in 0..LANES {
+                        let o = at::<T, M>(std::array::from_fn(|r| mv[r][col][l]));
+                        for (i, &val) in o.iter().enumerate() {
+                            am[i][col][l] = val;
+                        }
+                    }
+                }
+                let mut y = [[[0f32; LANES]; M]; M];
+                for (i, row) in am.iter().enumerate() {
+                    for l in 0..LANES {
+                        let o = at::<T, M>(std::array::from_fn(|cc| row[cc][l]));
+                        for (xx, &val) in o.iter().enumerate() {
+                            y[i][xx][l] = val;
+                        }
+                    }
+                }
+                for l in 0..lanes {
+                    let (ty, tx) = ((t0 + j + l) / grid.tw, (t0 + j + l) % grid.tw);
+                    for (y_off, row) in y.iter().enumerate() {
+                        let yy = M * ty + y_off;
+                        if yy >= grid.h {
+                            continue;
+                        }
+                        for (xx_off, lane) in row.iter().enumerate() {
+                            let xx = M * tx + xx_off;
+                            if xx >= grid.w {
+                                continue;
+                            }
+                            // SAFETY: (co, yy, xx) is inside the output and belongs to this
+                            // band.
+                            unsafe {
+                                let o = self.out.0.add(co * self.plane + yy * self.wo + xx);
+                                let r = lane[l] + b + *o;
+                                *o = if self.relu { r.max(0.0) } else { r };
+                            }
+                        }
+                    }
+                }
+                j += lanes;
+            }
+        }
+    }
+}
+
+impl Epilogue<'_> {
+    /// [`Epilogue::write_winograd`] one tile at a time.
+    fn write_winograd_per_tile<const T: usize, const M: usize>(
         &self,
         m: &[f32],
         cout: usize,
