@@ -159,19 +159,22 @@ impl ConvBn {
     /// As [`ConvBn::fuse`] for a frozen layer of a model in training (see
     /// [`Conv::fuse_frozen`]).
     fn fuse_frozen(&mut self) -> Result<()> {
-        if let Some(bn) = &self.bn {
-            self.conv.fuse_frozen(Some((&bn.scale, &bn.shift)))?;
-            if matches!(self.conv, Conv::Fused(_)) {
-                self.bn = None;
-            }
-        }
-        Ok(())
+        self.fold_bn(|conv, bn| conv.fuse_frozen(bn))
     }
 
     /// Folds the batch norm into the convolution's weights and bias (inference only).
     pub fn fuse(&mut self, precision: Precision) -> Result<()> {
+        self.fold_bn(|conv, bn| conv.fuse(bn, precision))
+    }
+
+    /// Runs `fuse` with the norm's scale and shift, dropping the norm once the
+    /// convolution holds it.
+    fn fold_bn(
+        &mut self,
+        fuse: impl FnOnce(&mut Conv, Option<(&Tensor, &Tensor)>) -> Result<()>,
+    ) -> Result<()> {
         if let Some(bn) = &self.bn {
-            self.conv.fuse(Some((&bn.scale, &bn.shift)), precision)?;
+            fuse(&mut self.conv, Some((&bn.scale, &bn.shift)))?;
             if matches!(self.conv, Conv::Fused(_)) {
                 self.bn = None;
             }

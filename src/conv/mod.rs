@@ -1271,12 +1271,7 @@ impl PreparedConv<'_> {
     ) -> Result<Tensor> {
         match self {
             PreparedConv::Direct(c) => c.forward_with(x, residual, relu),
-            PreparedConv::Train(t) if residual.is_none() && x.device().is_cpu() => {
-                t.forward(x, None, relu)
-            }
-            PreparedConv::Train(_) => {
-                candle_core::bail!("prepared training conv: unsupported input")
-            }
+            PreparedConv::Train(t) => t.forward(x, residual, relu),
         }
     }
 }

@@ -342,7 +342,7 @@ impl CustomOp2 for TrainConv {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let _ = ws;
-        self.forward((f32_of(xs, xl)?, xl), wl, None)
+        self.forward((super::f32_slice(xs, xl)?, xl), wl, None)
     }
 
     fn bwd(
@@ -371,9 +371,9 @@ impl CustomOp3 for TrainConv {
         es: &CpuStorage,
         el: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let extra = f32_of(es, el)?;
+        let extra = super::f32_slice(es, el)?;
         let _ = ws;
-        self.forward((f32_of(xs, xl)?, xl), wl, Some(extra))
+        self.forward((super::f32_slice(xs, xl)?, xl), wl, Some(extra))
     }
 
     fn bwd(
@@ -387,10 +387,6 @@ impl CustomOp3 for TrainConv {
         let [gx, gw, ge] = self.backward(x, w, Some(e), res, grad)?;
         Ok((gx, gw, ge))
     }
-}
-
-fn f32_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    super::f32_slice(s, l)
 }
 
 /// Runs `f` on the values of an f32 CPU tensor without copying them.
