@@ -1162,9 +1162,9 @@ impl Conv {
         })
     }
 
-    /// As [`Conv::fuse`] for a frozen layer of a model in training: the same F(2×2, 3×3)
-    /// Winograd as the trained layers, since F(4×4)'s error in the frozen stages' output
-    /// pushed deep float32 gradients past the torchvision parity tolerance.
+    /// As [`Conv::fuse`] for a frozen layer of a model in training: the same algorithm as
+    /// the trained layers, since Winograd's error in the frozen stages' output pushed deep
+    /// float32 gradients past the torchvision parity tolerance.
     pub fn fuse_frozen(&mut self, scale_shift: Option<(&Tensor, &Tensor)>) -> Result<()> {
         self.fuse_with(scale_shift, |w, b, s, p| {
             FusedConv2d::with_algorithm(w, b, s, p, train::TRAIN_ALGORITHM)
