@@ -2,12 +2,16 @@
 //! `backbone.body` (`IntermediateLayerGetter` over layer2…layer4).
 //!
 //! Batch norm is frozen: each `bn` becomes a per-channel scale and shift computed once from
-//! the checkpoint's four buffers, as torchvision's `FrozenBatchNorm2d` does.
+//! the checkpoint's four buffers, as torchvision's `FrozenBatchNorm2d` does. A norm whose
+//! weight is a variable (the training parameter store serves it so when batch norm trains,
+//! see [`crate::train::BackboneNorm`]) is a [`BatchNorm2dTrain`] instead: batch statistics in
+//! a training forward ([`ResNet::forward_t`]), running statistics otherwise.
 
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{conv2d_no_bias, Conv2dConfig, VarBuilder};
 
-use crate::conv::{conv2d_train_fused, Conv, Precision, TrainBias};
+use crate::backbone_train::{max_pool_3x3_s2_p1_train, BatchNorm2dTrain};
+use crate::conv::{conv2d_train, conv2d_train_fused, Conv, Precision, TrainBias};
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -77,7 +81,12 @@ pub struct FrozenBatchNorm2d {
 impl FrozenBatchNorm2d {
     /// Reads `weight`, `bias`, `running_mean`, `running_var` and folds them with `eps`.
     pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get(channels, "weight")?;
+        Self::with_weight(vb.get(channels, "weight")?, eps, vb)
+    }
+
+    /// As [`FrozenBatchNorm2d::new`] with the weight already read.
+    fn with_weight(weight: Tensor, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let channels = weight.elem_count();
         let bias = vb.get(channels, "bias")?;
         let mean = vb.get(channels, "running_mean")?;
         let var = vb.get(channels, "running_var")?;
@@ -97,12 +106,41 @@ impl Module for FrozenBatchNorm2d {
     }
 }
 
-/// A bias-free convolution followed by frozen batch norm (`convN` + `bnN`, or
-/// `downsample.0` + `downsample.1`). [`ConvBn::fuse`] folds the norm into the convolution.
+/// The batch norm after a backbone convolution.
+#[derive(Debug, Clone)]
+enum Norm {
+    /// Fixed statistics and affine.
+    Frozen(FrozenBatchNorm2d),
+    /// Trained: batch statistics in training.
+    Train(BatchNorm2dTrain),
+}
+
+impl Norm {
+    /// Reads a frozen norm, or a trained one when its weight is a variable.
+    fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get(channels, "weight")?;
+        Ok(if weight.is_variable() {
+            Norm::Train(BatchNorm2dTrain::new(channels, eps, vb)?)
+        } else {
+            Norm::Frozen(FrozenBatchNorm2d::with_weight(weight, eps, vb)?)
+        })
+    }
+
+    /// The per-channel `(scale, shift)` of evaluation mode, `(1, C, 1, 1)` each.
+    fn scale_shift(&self) -> Result<(Tensor, Tensor)> {
+        match self {
+            Norm::Frozen(bn) => Ok((bn.scale.clone(), bn.shift.clone())),
+            Norm::Train(bn) => bn.scale_shift(),
+        }
+    }
+}
+
+/// A bias-free convolution followed by batch norm (`convN` + `bnN`, or `downsample.0` +
+/// `downsample.1`). [`ConvBn::fuse`] folds the norm into the convolution.
 #[derive(Debug, Clone)]
 pub struct ConvBn {
     conv: Conv,
-    bn: Option<FrozenBatchNorm2d>,
+    bn: Option<Norm>,
 }
 
 impl ConvBn {
@@ -123,24 +161,48 @@ impl ConvBn {
         };
         Ok(Self {
             conv: Conv::Plain(conv2d_no_bias(cin, cout, k, cfg, vb_conv)?),
-            bn: Some(FrozenBatchNorm2d::new(cout, eps, vb_bn)?),
+            bn: Some(Norm::new(cout, eps, vb_bn)?),
         })
     }
 
-    /// `relu?(bn(conv(x)) [+ residual])`.
+    /// `relu?(bn(conv(x)) [+ residual])` in evaluation mode.
     pub fn forward(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        self.forward_t(x, residual, relu, false)
+    }
+
+    /// `relu?(bn(conv(x)) [+ residual])`; with `train`, a trained batch norm normalises with
+    /// the batch's statistics (and keeps them for [`ConvBn::update_running_stats`]).
+    pub fn forward_t(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+        train: bool,
+    ) -> Result<Tensor> {
         let (Some(bn), Conv::Plain(c)) = (&self.bn, &self.conv) else {
             return self.conv.forward_with(x, residual, relu);
         };
-        // Training: the frozen norm folds into the convolution, its scale into the kernel
-        // (still differentiable in the weights) and its shift into a constant bias.
-        let cout = bn.scale.elem_count();
-        let w = c
-            .weight()
-            .broadcast_mul(&bn.scale.reshape((cout, 1, 1, 1))?)?;
         let cfg = c.config();
-        let shift = TrainBias::Constant(&bn.shift);
+        if let (Norm::Train(bn), true) = (bn, train) {
+            let y = conv2d_train(x, c.weight(), cfg.stride, cfg.padding)?;
+            return bn.forward_train(&y, residual, relu);
+        }
+        // The norm's evaluation form folds into the convolution, its scale into the kernel
+        // (still differentiable in the weights) and its shift into a constant bias.
+        let (scale, shift) = bn.scale_shift()?;
+        let cout = scale.elem_count();
+        let w = c.weight().broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+        let shift = TrainBias::Constant(&shift);
         conv2d_train_fused(x, &w, cfg.stride, cfg.padding, shift, residual, relu)
+    }
+
+    /// Applies the statistics of the last training forward to a trained norm's running
+    /// statistics; returns whether there were any.
+    pub fn update_running_stats(&self) -> Result<bool> {
+        match &self.bn {
+            Some(Norm::Train(bn)) => bn.update_running_stats(),
+            _ => Ok(false),
+        }
     }
 
     /// Whether the convolution's weights are fixed (no variable behind them).
@@ -174,7 +236,8 @@ impl ConvBn {
         fuse: impl FnOnce(&mut Conv, Option<(&Tensor, &Tensor)>) -> Result<()>,
     ) -> Result<()> {
         if let Some(bn) = &self.bn {
-            fuse(&mut self.conv, Some((&bn.scale, &bn.shift)))?;
+            let (scale, shift) = bn.scale_shift()?;
+            fuse(&mut self.conv, Some((&scale, &shift)))?;
             if matches!(self.conv, Conv::Fused(_)) {
                 self.bn = None;
             }
@@ -234,18 +297,24 @@ impl Block {
         Ok(Self { convs, downsample })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let identity = match &self.downsample {
-            Some(d) => d.forward(x, None, false)?,
+            Some(d) => d.forward_t(x, None, false, train)?,
             None => x.clone(),
         };
-        let (last, rest) = self.convs.split_last().expect("blocks have convolutions");
+        let Some((last, rest)) = self.convs.split_last() else {
+            candle_core::bail!("a residual block without convolutions");
+        };
         let mut y = x.clone();
         for conv in rest {
-            y = conv.forward(&y, None, true)?;
+            y = conv.forward_t(&y, None, true, train)?;
         }
-        // The residual sum and its ReLU are fused into the last convolution.
-        last.forward(&y, Some(&identity), true)
+        // The residual sum and its ReLU are fused into the last convolution (or its norm).
+        last.forward_t(&y, Some(&identity), true, train)
+    }
+
+    fn convs(&self) -> impl Iterator<Item = &ConvBn> {
+        self.convs.iter().chain(self.downsample.as_ref())
     }
 
     fn fuse(&mut self, precision: Precision) -> Result<()> {
@@ -293,6 +362,19 @@ impl ResNet {
         Ok(Self { stem, layers })
     }
 
+    /// Moves the running statistics of every trained batch norm towards those of the last
+    /// training forward (momentum [`crate::backbone_train::BN_MOMENTUM`], as torchvision does
+    /// in each training-mode forward). Returns how many norms were updated.
+    pub fn update_running_stats(&self) -> Result<usize> {
+        let mut updated = usize::from(self.stem.update_running_stats()?);
+        for block in self.layers.iter().flatten() {
+            for conv in block.convs() {
+                updated += usize::from(conv.update_running_stats()?);
+            }
+        }
+        Ok(updated)
+    }
+
     /// Folds every batch norm into its convolution (inference only).
     pub fn fuse(&mut self, precision: Precision) -> Result<()> {
         self.stem.fuse(precision)?;
@@ -314,18 +396,28 @@ impl ResNet {
         Ok(())
     }
 
-    /// Returns C3, C4, C5 (outputs of layer2, layer3, layer4) for an `(N, 3, H, W)` batch.
+    /// Returns C3, C4, C5 (outputs of layer2, layer3, layer4) for an `(N, 3, H, W)` batch,
+    /// in evaluation mode.
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        let x = self.stem.forward(x, None, true)?;
+        self.forward_t(x, false)
+    }
+
+    /// As [`ResNet::forward`]; with `train`, trained batch norms use the batch's statistics
+    /// (torchvision's `model.train()`), to be applied with [`ResNet::update_running_stats`].
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
+        let x = self.stem.forward_t(x, None, true, train)?;
         let mut x = if self.stem.is_fused() {
             crate::conv::max_pool_3x3_s2_p1(&x)?
+        } else if x.track_op() {
+            // A trained stem: the pool's gradient must reach it.
+            max_pool_3x3_s2_p1_train(&x)?
         } else {
             max_pool_3x3_s2_p1(&x)?
         };
         let mut out = Vec::with_capacity(3);
         for (i, layer) in self.layers.iter().enumerate() {
             for block in layer {
-                x = block.forward(&x)?;
+                x = block.forward(&x, train)?;
             }
             if i > 0 {
                 out.push(x.clone());

@@ -26,6 +26,7 @@
 
 pub mod anchors;
 pub mod backbone;
+pub mod backbone_train;
 pub mod box_coder;
 pub mod checkpoint;
 pub mod classes;

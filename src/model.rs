@@ -279,7 +279,26 @@ impl RetinaNet {
 
     /// Runs the network on a preprocessed batch and returns every intermediate.
     pub fn forward_raw(&self, batch: &ImageBatch) -> Result<RawOutput> {
-        let backbone_features = self.backbone.forward(&batch.tensor)?;
+        self.forward_raw_t(batch, false)
+    }
+
+    /// As [`RetinaNet::forward_raw`] in training mode: batch norms that train normalise with
+    /// the batch's statistics (torchvision's `model.train()`), which
+    /// [`RetinaNet::update_batch_norm_stats`] then applies. Frozen norms behave the same in
+    /// both modes.
+    pub fn forward_raw_train(&self, batch: &ImageBatch) -> Result<RawOutput> {
+        self.forward_raw_t(batch, true)
+    }
+
+    /// Moves the running statistics of every trained batch norm towards those of the last
+    /// [`RetinaNet::forward_raw_train`] (momentum 0.1, unbiased variance). Returns how many
+    /// norms were updated.
+    pub fn update_batch_norm_stats(&self) -> Result<usize> {
+        Ok(self.backbone.update_running_stats()?)
+    }
+
+    fn forward_raw_t(&self, batch: &ImageBatch, train: bool) -> Result<RawOutput> {
+        let backbone_features = self.backbone.forward_t(&batch.tensor, train)?;
         let fpn_features = self.fpn.forward(&backbone_features)?;
         let (cls_logits, bbox_regression) = self.head.forward(&fpn_features)?;
         let grid_sizes = fpn_features
