@@ -246,7 +246,7 @@ fn bad_targets_and_settings_are_errors() {
     assert!(matches!(t.step(&images, &targets), Err(Error::Invalid(_))));
     let model_config = t.model().config().clone();
     let mut config = t.config().clone();
-    config.trainable_backbone_layers = 5;
+    config.trainable_backbone_layers = 6;
     assert!(matches!(
         Trainer::new(&model_config, &start(), config, &Device::Cpu),
         Err(Error::Invalid(_))

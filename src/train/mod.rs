@@ -23,5 +23,5 @@ pub mod trainer;
 pub use assign::Matcher;
 pub use loss::{BoxLoss, LossConfig, Losses};
 pub use optim::{LrSchedule, Sgd, SgdConfig};
-pub use params::{ParamStore, Start};
+pub use params::{BackboneNorm, ParamStore, Role, Start};
 pub use trainer::{StepStats, Target, TrainConfig, Trainer};

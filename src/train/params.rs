@@ -4,7 +4,9 @@
 //! A [`ParamStore`] holds every tensor of the model under torchvision's names. Trained ones
 //! are Candle [`Var`]s; frozen ones (the backbone stages torchvision freezes, and every
 //! frozen batch-norm buffer) are plain tensors, so autograd neither computes their gradients
-//! nor back-propagates below the first trained layer. The model is built from the store with
+//! nor back-propagates below the first trained layer. The running statistics of batch norms
+//! that train ([`BackboneNorm::Batch`]) are buffers: variables the model updates in place,
+//! outside the optimiser. The model is built from the store with
 //! [`ParamStore::var_builder`], and sees optimiser updates because a `Var` is updated in place.
 //!
 //! New layers are initialised as torchvision does: head convs N(0, 0.01) with zero biases,
@@ -29,7 +31,9 @@ pub const PRIOR_PROBABILITY: f64 = 0.01;
 /// Where the initial weights come from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Start {
-    /// Everything freshly initialised (identity frozen batch norm in the backbone).
+    /// Everything freshly initialised (batch norm with weight 1, bias 0, mean 0, variance 1).
+    /// torchvision then trains the whole backbone with batch norm in training mode
+    /// (`TrainConfig::for_start`).
     Scratch,
     /// A full RetinaNet checkpoint (torchvision layout). With another class count,
     /// `cls_logits` is re-initialised with the prior.
@@ -55,8 +59,35 @@ pub struct InitReport {
 pub struct ParamStore {
     frozen: BTreeMap<String, Tensor>,
     trained: BTreeMap<String, Var>,
+    buffers: BTreeMap<String, Var>,
     device: Device,
     dtype: DType,
+}
+
+/// How the backbone's batch norms behave in training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum BackboneNorm {
+    /// torchvision's `FrozenBatchNorm2d`, its default with pretrained weights: fixed
+    /// statistics and affine, folded into the convolutions.
+    #[default]
+    Frozen,
+    /// `nn.BatchNorm2d` in training mode, torchvision's choice from scratch: in the trained
+    /// stages, normalisation by the batch's statistics over (N, H, W), a learned weight and
+    /// bias, and running statistics updated each step (momentum 0.1, unbiased variance) that
+    /// checkpoints keep for evaluation. Frozen stages keep frozen batch norm.
+    Batch,
+}
+
+/// What a tensor does in training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Updated by the optimiser.
+    Trained,
+    /// Updated in place by the model, outside the optimiser (running statistics of batch
+    /// norms in training mode).
+    Buffer,
+    /// Fixed.
+    Frozen,
 }
 
 /// Whether `name` (a full torchvision name) is a batch-norm tensor of the backbone.
@@ -68,16 +99,34 @@ fn is_backbone_norm(name: &str) -> bool {
 /// Whether `name` trains with `trainable_backbone_layers` (torchvision: the last that many of
 /// layer4, layer3, layer2, layer1, conv1). Frozen batch norm never trains; FPN and heads do.
 pub fn is_trainable(name: &str, trainable_backbone_layers: usize) -> bool {
+    role(name, trainable_backbone_layers, BackboneNorm::Frozen) == Role::Trained
+}
+
+/// The role of `name` in training with `trainable_backbone_layers` (torchvision: the last
+/// that many of layer4, layer3, layer2, layer1 and the stem, conv1 with bn1) and `norm`: FPN
+/// and heads train; in the trained stages the convolutions train, and so do the batch norms'
+/// weights and biases with [`BackboneNorm::Batch`], their running statistics being buffers.
+pub fn role(name: &str, trainable_backbone_layers: usize, norm: BackboneNorm) -> Role {
     let Some(rest) = name.strip_prefix("backbone.body.") else {
-        return true;
+        return Role::Trained;
     };
-    if is_backbone_norm(name) {
-        return false;
-    }
-    ["layer4", "layer3", "layer2", "layer1", "conv1"]
+    let stage = rest.split('.').next().unwrap_or("");
+    let stage = if stage == "bn1" { "conv1" } else { stage };
+    let trained_stage = ["layer4", "layer3", "layer2", "layer1", "conv1"]
         .iter()
         .take(trainable_backbone_layers)
-        .any(|l| rest.starts_with(&format!("{l}.")))
+        .any(|&l| l == stage);
+    match (trained_stage, is_backbone_norm(name), norm) {
+        (false, _, _) | (true, true, BackboneNorm::Frozen) => Role::Frozen,
+        (true, false, _) => Role::Trained,
+        (true, true, BackboneNorm::Batch) => {
+            if name.ends_with(".running_mean") || name.ends_with(".running_var") {
+                Role::Buffer
+            } else {
+                Role::Trained
+            }
+        }
+    }
 }
 
 /// Names and shapes of every tensor `RetinaNet::new` asks for.
@@ -289,26 +338,31 @@ pub fn initial_values(
 
 impl ParamStore {
     /// A store over `values` on `device` in `dtype` (f32 for training; f64 for reference
-    /// checks), training the tensors `trainable` accepts.
+    /// checks), each tensor in the [`Role`] that `role` gives it.
     pub fn new(
         values: BTreeMap<String, Tensor>,
-        trainable: impl Fn(&str) -> bool,
+        role: impl Fn(&str) -> Role,
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
         let mut frozen = BTreeMap::new();
         let mut trained = BTreeMap::new();
+        let mut buffers = BTreeMap::new();
         for (name, v) in values {
             let v = v.to_dtype(dtype)?.to_device(device)?;
-            if trainable(&name) {
-                trained.insert(name, Var::from_tensor(&v)?);
-            } else {
-                frozen.insert(name, v.detach());
-            }
+            match role(&name) {
+                Role::Trained => trained.insert(name, Var::from_tensor(&v)?),
+                Role::Buffer => buffers.insert(name, Var::from_tensor(&v)?),
+                Role::Frozen => {
+                    frozen.insert(name, v.detach());
+                    None
+                }
+            };
         }
         Ok(Self {
             frozen,
             trained,
+            buffers,
             device: device.clone(),
             dtype,
         })
@@ -327,19 +381,25 @@ impl ParamStore {
         self.trained.contains_key(name)
     }
 
+    /// Whether `name` is a buffer the model updates (see [`Role::Buffer`]).
+    pub fn is_buffer(&self, name: &str) -> bool {
+        self.buffers.contains_key(name)
+    }
+
     /// Every tensor by name (current values).
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         let mut all = self.frozen.clone();
-        for (n, v) in &self.trained {
+        for (n, v) in self.trained.iter().chain(&self.buffers) {
             all.insert(n.clone(), v.as_tensor().detach());
         }
         all
     }
 
-    /// The current value of one tensor.
+    /// The current value of one tensor (trained ones and buffers as variables).
     pub fn get(&self, name: &str) -> Option<Tensor> {
         self.trained
             .get(name)
+            .or_else(|| self.buffers.get(name))
             .map(|v| v.as_tensor().clone())
             .or_else(|| self.frozen.get(name).cloned())
     }
@@ -394,7 +454,7 @@ impl SimpleBackend for ParamStore {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.trained.contains_key(name) || self.frozen.contains_key(name)
+        ParamStore::get(self, name).is_some()
     }
 }
 
@@ -491,6 +551,27 @@ mod tests {
         assert!(!t("backbone.body.layer2.0.downsample.1.running_var", 5));
         assert!(t("backbone.body.layer2.0.downsample.0.weight", 3));
         assert!(!t("backbone.body.layer4.0.conv1.weight", 0));
+        assert!(!t("backbone.body.bn1.weight", 5));
+    }
+
+    #[test]
+    fn batch_norm_trains_in_trained_stages() {
+        let r = |n: &str, k| role(n, k, BackboneNorm::Batch);
+        assert_eq!(r("backbone.body.bn1.weight", 5), Role::Trained);
+        assert_eq!(r("backbone.body.bn1.running_var", 5), Role::Buffer);
+        assert_eq!(r("backbone.body.conv1.weight", 5), Role::Trained);
+        assert_eq!(r("backbone.body.bn1.bias", 4), Role::Frozen);
+        assert_eq!(r("backbone.body.layer1.0.bn2.bias", 4), Role::Trained);
+        assert_eq!(
+            r("backbone.body.layer2.0.downsample.1.running_mean", 3),
+            Role::Buffer
+        );
+        assert_eq!(
+            r("backbone.body.layer1.0.bn1.running_mean", 3),
+            Role::Frozen
+        );
+        assert_eq!(r("backbone.fpn.inner_blocks.0.0.weight", 0), Role::Trained);
+        assert_eq!(r("head.regression_head.conv.0.1.weight", 0), Role::Trained);
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //! let start = Start::RetinaNet("retinanet_resnet50_fpn_coco-eeacb38b.pth".into());
 //! let config = retinanet::train::params::config_for(&start, 2)?; // 2 classes
 //! let schedule = LrSchedule::scaled(1000, 4, 12.0)?;
-//! let (mut trainer, report) =
-//!     Trainer::new(&config, &start, TrainConfig::for_model(&config, schedule), &device)?;
+//! let train_config = TrainConfig::for_start(&config, &start, schedule);
+//! let (mut trainer, report) = Trainer::new(&config, &start, train_config, &device)?;
 //! println!("{report:?}");
 //! let image = image::open("a.jpg").unwrap().to_rgb8();
 //! let target = Target { id: "a.jpg".into(), boxes: vec![[10.0, 20.0, 200.0, 180.0]], labels: vec![1] };
@@ -30,7 +30,9 @@ use super::assign::{resize_boxes, Matcher};
 use super::io::{optim_path, read_safetensors, step_of, write_safetensors};
 use super::loss::{retinanet_losses, LossConfig, LossTargets, Losses};
 use super::optim::{clip_grad_norm, LrSchedule, Sgd, SgdConfig};
-use super::params::{initial_values, is_trainable, load_exact, InitReport, ParamStore, Start};
+use super::params::{
+    initial_values, load_exact, role, BackboneNorm, InitReport, ParamStore, Start,
+};
 use crate::model::{RawOutput, RetinaNet, RetinaNetConfig};
 use crate::{Error, Result};
 
@@ -58,9 +60,12 @@ pub struct TrainConfig {
     pub schedule: LrSchedule,
     /// Clip the joint gradient norm to this, if set.
     pub clip_grad_norm: Option<f64>,
-    /// Backbone stages that train, counted from the top (torchvision's default 3: layer2–4;
-    /// stem and layer1 frozen). At most 4: the stem's max-pool has no backward in Candle.
+    /// Backbone stages that train, counted from the top, at most 5 (torchvision's default
+    /// with pretrained weights 3: layer2–4, stem and layer1 frozen; from scratch 5).
     pub trainable_backbone_layers: usize,
+    /// Batch norm of the backbone: frozen (pretrained starts) or trained with batch
+    /// statistics (from scratch, as torchvision).
+    pub backbone_norm: BackboneNorm,
     /// Seed of the initialisation of new layers.
     pub seed: u64,
     /// Data type of weights, activations and gradients (f32; f64 for reference checks).
@@ -68,8 +73,24 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// torchvision's recipe for `model`: v1 → L1 box loss, v2 → GIoU; momentum 0.9, weight
-    /// decay 1e-4, 3 trainable backbone stages, no clipping.
+    /// torchvision's recipe for `model` from `start`: [`TrainConfig::for_model`], and from
+    /// scratch (as `retinanet_resnet50_fpn` without weights) batch norm in training mode
+    /// ([`BackboneNorm::Batch`]) with all 5 backbone stages trained.
+    pub fn for_start(model: &RetinaNetConfig, start: &Start, schedule: LrSchedule) -> Self {
+        let config = Self::for_model(model, schedule);
+        match start {
+            Start::Scratch => Self {
+                trainable_backbone_layers: 5,
+                backbone_norm: BackboneNorm::Batch,
+                ..config
+            },
+            Start::RetinaNet(_) | Start::Backbone(_) => config,
+        }
+    }
+
+    /// torchvision's recipe for `model` with pretrained weights: v1 → L1 box loss, v2 → GIoU;
+    /// momentum 0.9, weight decay 1e-4, 3 trainable backbone stages over frozen batch norm,
+    /// no clipping.
     pub fn for_model(model: &RetinaNetConfig, schedule: LrSchedule) -> Self {
         Self {
             loss: if model.head_group_norm {
@@ -82,6 +103,7 @@ impl TrainConfig {
             schedule,
             clip_grad_norm: None,
             trainable_backbone_layers: 3,
+            backbone_norm: BackboneNorm::Frozen,
             seed: 0,
             dtype: DType::F32,
         }
@@ -138,14 +160,28 @@ impl Trainer {
         config: TrainConfig,
         device: &Device,
     ) -> Result<(Self, InitReport)> {
-        validate(&config)?;
+        validate(&config, model_config)?;
         let (values, mut report) = initial_values(model_config, start, config.seed)?;
-        if matches!(start, Start::Scratch) && config.trainable_backbone_layers < 5 {
+        let scratch = matches!(start, Start::Scratch);
+        if scratch && config.backbone_norm == BackboneNorm::Frozen {
             report.notes.push(
-                "from scratch with frozen (identity) batch norm and frozen lower stages: \
-                 expect weak features; prefer an ImageNet backbone"
+                "from scratch with frozen (identity) batch norm: expect weak features; \
+                 torchvision trains batch norm from scratch (BackboneNorm::Batch)"
                     .into(),
             );
+        } else if scratch && config.trainable_backbone_layers < 5 {
+            report.notes.push(format!(
+                "from scratch with the lower backbone stages frozen at random weights \
+                 ({} of 5 train): expect weak features",
+                config.trainable_backbone_layers
+            ));
+        }
+        if config.backbone_norm == BackboneNorm::Batch {
+            report.notes.push(format!(
+                "batch norm trains in {} backbone stages: batch statistics, running statistics \
+                 updated each step (momentum 0.1)",
+                config.trainable_backbone_layers
+            ));
         }
         let trainer = Self::from_values(model_config, values, config, device)?;
         Ok((trainer, report))
@@ -157,8 +193,8 @@ impl Trainer {
         config: TrainConfig,
         device: &Device,
     ) -> Result<Self> {
-        let layers = config.trainable_backbone_layers;
-        let params = ParamStore::new(values, |n| is_trainable(n, layers), device, config.dtype)?;
+        let (layers, norm) = (config.trainable_backbone_layers, config.backbone_norm);
+        let params = ParamStore::new(values, |n| role(n, layers, norm), device, config.dtype)?;
         let mut model = params.build(model_config)?;
         model.fuse_frozen()?;
         let sgd = Sgd::new(params.trained(), config.sgd);
@@ -182,7 +218,7 @@ impl Trainer {
         device: &Device,
     ) -> Result<Self> {
         let path = path.as_ref();
-        validate(&config)?;
+        validate(&config, model_config)?;
         let values = load_exact(model_config, path)?;
         let mut trainer = Self::from_values(model_config, values, config, device)?;
         let (_, meta) = read_safetensors(path, &Device::Cpu)?;
@@ -235,7 +271,8 @@ impl Trainer {
         &self.config
     }
 
-    /// Forward pass and losses of a batch, without updating anything.
+    /// Forward pass and losses of a batch in training mode (batch norms that train use the
+    /// batch's statistics), without updating anything.
     pub fn losses(&self, images: &[RgbImage], targets: &[Target]) -> Result<BatchLosses> {
         if images.len() != targets.len() || images.is_empty() {
             return Err(Error::Invalid(format!(
@@ -248,7 +285,7 @@ impl Trainer {
             validate_target(t, self.model_config.num_classes)?;
         }
         let batch = self.model.preprocess(images)?;
-        let raw = self.model.forward_raw(&batch)?;
+        let raw = self.model.forward_raw_train(&batch)?;
         let anchors = &raw.anchor_boxes;
         let mut matches = Vec::with_capacity(images.len());
         let mut boxes = Vec::with_capacity(images.len());
@@ -299,6 +336,9 @@ impl Trainer {
             }
             None => None,
         };
+        // The running statistics move with the forward, as in torchvision's training mode
+        // (here only once the step is known to go through).
+        self.model.update_batch_norm_stats()?;
         let lr = self.config.schedule.lr(self.step);
         self.sgd.step(&grads, lr)?;
         let stats = StepStats {
@@ -358,12 +398,18 @@ fn scalar(t: &candle_core::Tensor) -> Result<f32> {
     Ok(t.to_dtype(DType::F32)?.to_scalar::<f32>()?)
 }
 
-fn validate(config: &TrainConfig) -> Result<()> {
-    if config.trainable_backbone_layers > 4 {
+fn validate(config: &TrainConfig, model: &RetinaNetConfig) -> Result<()> {
+    if config.trainable_backbone_layers > 5 {
         return Err(Error::Invalid(format!(
-            "trainable_backbone_layers {} is not supported: training the stem needs a max-pool \
-             backward, which Candle lacks (use at most 4)",
+            "trainable_backbone_layers {}: a ResNet has 5 stages (conv1, layer1–4)",
             config.trainable_backbone_layers
+        )));
+    }
+    let eps = model.bn_eps;
+    if config.backbone_norm == BackboneNorm::Batch && (eps.is_nan() || eps <= 0.0) {
+        return Err(Error::Invalid(format!(
+            "batch norm in training needs bn_eps > 0 (torchvision's BatchNorm2d: 1e-5); the \
+             model has {eps}"
         )));
     }
     let m = config.matcher;
