@@ -22,6 +22,7 @@ make_fixtures() {
 }
 make_fixtures make_parity_fixtures.py parity
 make_fixtures make_train_fixtures.py train
+make_fixtures make_scratch_fixtures.py train_scratch
 if [ -f scripts/make_eval_fixtures.py ]; then
   make_fixtures make_eval_fixtures.py eval
 fi

@@ -13,7 +13,7 @@ use retinanet::train::loss::{retinanet_losses, LossTargets};
 use retinanet::train::optim::clip_grad_norm;
 use retinanet::train::params::config_for;
 use retinanet::train::{
-    LossConfig, LrSchedule, Sgd, SgdConfig, Start, Target, TrainConfig, Trainer,
+    BackboneNorm, LossConfig, LrSchedule, Sgd, SgdConfig, Start, Target, TrainConfig, Trainer,
 };
 
 const TOL: f64 = 1e-4;
@@ -426,4 +426,199 @@ fn focal_loss_matches_torchvision_on_extreme_logits() {
             );
         }
     }
+}
+
+fn scratch_dir() -> PathBuf {
+    common::fixture_dir("train_scratch", "make_scratch_fixtures.py")
+}
+
+/// A trainer over the from-scratch fixture's weights with torchvision's from-scratch recipe:
+/// batch norm in training mode, all five backbone stages trained.
+fn scratch_trainer(meta: &serde_json::Value, dtype: DType) -> Trainer {
+    let start = Start::RetinaNet(scratch_dir().join("model.safetensors"));
+    let k = meta["num_classes"].as_u64().unwrap() as usize;
+    let model_config = config_for(&start, k).unwrap();
+    assert_eq!(model_config.bn_eps, 1e-5);
+    let lr = meta["lr"].as_f64().unwrap();
+    let schedule = LrSchedule::constant(lr, 100);
+    let mut config = TrainConfig::for_start(&model_config, &Start::Scratch, schedule);
+    assert_eq!(config.backbone_norm, BackboneNorm::Batch);
+    assert_eq!(config.trainable_backbone_layers, 5);
+    config.dtype = dtype;
+    config.sgd = SgdConfig {
+        momentum: meta["momentum"].as_f64().unwrap(),
+        weight_decay: meta["weight_decay"].as_f64().unwrap(),
+        ..SgdConfig::default()
+    };
+    let (mut t, report) = Trainer::new(&model_config, &start, config, &Device::Cpu).unwrap();
+    assert_eq!(report.initialised, 0, "{report:?}");
+    t.model_mut().transform.min_size = meta["min_size"].as_u64().unwrap() as usize;
+    t.model_mut().transform.max_size = meta["max_size"].as_u64().unwrap() as usize;
+    t
+}
+
+/// Training from scratch as torchvision's `retinanet_resnet50_fpn` without weights (here on a
+/// ResNet-18): batch norm with batch statistics, the stem (max pool included) trained, running
+/// statistics updated each step and saved; the saved model evaluates as torchvision's in
+/// `model.eval()`.
+fn scratch_parity(dtype: DType) {
+    let text = std::fs::read_to_string(scratch_dir().join("meta.json")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let f64_run = dtype == DType::F64;
+    let name = format!("scratch r18 {dtype:?}");
+    let all = load(&scratch_dir().join("expected.safetensors"));
+    let key = |k: &str| {
+        if f64_run {
+            format!("f64.{k}")
+        } else {
+            k.to_string()
+        }
+    };
+    let expected = |k: &str| all[&key(k)].clone();
+    let ref64 = |k: &str| all[&format!("f64.{k}")].clone();
+    let losses = if f64_run {
+        &meta["losses_f64"]
+    } else {
+        &meta["losses"]
+    };
+    let mut t = scratch_trainer(&meta, dtype);
+    let (images, targets) = batch(&meta);
+
+    // Every parameter trains (batch-norm weights and biases included); running statistics
+    // are buffers.
+    let mut ours: Vec<String> = t.params().trained().into_iter().map(|(n, _)| n).collect();
+    let mut theirs: Vec<String> = serde_json::from_value(meta["trainable"].clone()).unwrap();
+    ours.sort();
+    theirs.sort();
+    assert_eq!(ours, theirs, "{name}: trained tensors");
+    let buffers: Vec<String> = serde_json::from_value(meta["buffers"].clone()).unwrap();
+    assert_eq!(buffers.len(), 40, "20 batch norms in a ResNet-18");
+    for b in &buffers {
+        assert!(t.params().is_buffer(b), "{name}: {b} is not a buffer");
+    }
+
+    let bl = t.losses(&images, &targets).unwrap();
+    check_scalar(
+        &format!("{name} classification loss"),
+        scalar(&bl.losses.classification),
+        losses[0][0].as_f64().unwrap(),
+        TOL,
+    );
+    check_scalar(
+        &format!("{name} box loss"),
+        scalar(&bl.losses.box_regression),
+        losses[0][1].as_f64().unwrap(),
+        TOL,
+    );
+    let grads = bl.losses.total().unwrap().backward().unwrap();
+    let watched: Vec<String> = serde_json::from_value(meta["watched"].clone()).unwrap();
+    for w in &watched {
+        let p = t.params().get(w).unwrap();
+        check(
+            &format!("{name} weight {w}"),
+            &p,
+            &expected(&format!("step0.{w}")),
+            1e-7,
+        );
+        let g = grads
+            .get(&p)
+            .unwrap_or_else(|| panic!("{name}: no gradient for {w}"));
+        let k = format!("grad.{w}");
+        if is_deep(w) && !f64_run {
+            check_deep(&format!("{name} grad {w}"), g, &expected(&k), &ref64(&k));
+        } else {
+            check(&format!("{name} grad {w}"), g, &expected(&k), TOL);
+        }
+    }
+    drop(bl);
+
+    let steps = meta["steps"].as_u64().unwrap() as usize;
+    let later = if f64_run { TOL } else { 1e-3 };
+    for s in 0..steps {
+        let tol = if s == 0 { TOL } else { later };
+        let stats = t.step(&images, &targets).unwrap();
+        check_scalar(
+            &format!("{name} step {s} classification"),
+            stats.classification,
+            losses[s][0].as_f64().unwrap(),
+            tol,
+        );
+        check_scalar(
+            &format!("{name} step {s} box"),
+            stats.box_regression,
+            losses[s][1].as_f64().unwrap(),
+            tol,
+        );
+    }
+    // Running statistics after three training forwards (a forward without a step, as
+    // `losses`, leaves them alone).
+    let after = t.losses(&images, &targets).unwrap();
+    let running: Vec<String> = serde_json::from_value(meta["running"].clone()).unwrap();
+    for bn in &running {
+        for stat in ["running_mean", "running_var"] {
+            let k = format!("{bn}.{stat}");
+            check(
+                &format!("{name} {k} after {steps} steps"),
+                &t.params().get(&k).unwrap(),
+                &expected(&k),
+                later,
+            );
+        }
+    }
+    check_scalar(
+        &format!("{name} classification after {steps} steps"),
+        scalar(&after.losses.classification),
+        losses[steps][0].as_f64().unwrap(),
+        later,
+    );
+    check_scalar(
+        &format!("{name} box after {steps} steps"),
+        scalar(&after.losses.box_regression),
+        losses[steps][1].as_f64().unwrap(),
+        later,
+    );
+    drop(after);
+    for w in &watched {
+        let p = t.params().get(w).unwrap();
+        let k = format!("step{steps}.{w}");
+        let s0 = expected(&format!("step0.{w}"));
+        let ours = (&p - &s0).unwrap();
+        let theirs = (expected(&k) - &s0).unwrap();
+        let what = format!("{name} update of {w}");
+        if is_deep(w) && !f64_run {
+            let theirs64 = (ref64(&k) - ref64(&format!("step0.{w}"))).unwrap();
+            check_deep(&what, &ours, &theirs, &theirs64);
+        } else {
+            check(&what, &ours, &theirs, later);
+        }
+    }
+
+    // Evaluation mode: the trainer's model and the saved checkpoint, loaded as any other,
+    // normalise with the running statistics, as torchvision's model.eval().
+    let dir = std::env::temp_dir().join(format!("retinanet-scratch-{}", std::process::id()));
+    let path = dir.join(format!("scratch-{dtype:?}.safetensors"));
+    t.save(&path).unwrap();
+    let mut loaded = retinanet::RetinaNet::load(&path, &Device::Cpu).unwrap();
+    loaded.transform = t.model().transform.clone();
+    for (what, model) in [("trainer's model", t.model()), ("saved model", &loaded)] {
+        let b = model.preprocess(&images).unwrap();
+        let raw = model.forward_raw(&b).unwrap();
+        for (out, k) in [
+            (&raw.cls_logits, "eval.cls_logits"),
+            (&raw.bbox_regression, "eval.bbox_regression"),
+        ] {
+            check(&format!("{name} {what} {k}"), out, &expected(k), later);
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn scratch_batch_norm_matches_torchvision_f32() {
+    scratch_parity(DType::F32);
+}
+
+#[test]
+fn scratch_batch_norm_matches_torchvision_f64() {
+    scratch_parity(DType::F64);
 }
