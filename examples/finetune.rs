@@ -26,7 +26,7 @@ use retinanet::data::{self, Dataset, Format, LoadOpts, Loader, LoaderConfig, Til
 use retinanet::eval::{self, Category, GroundTruth, GtBox};
 use retinanet::hub::{write_atomic, HubOptions};
 use retinanet::train::params::config_for;
-use retinanet::train::{LrSchedule, Start, StepStats, Target, TrainConfig, Trainer};
+use retinanet::train::{BackboneNorm, LrSchedule, Start, StepStats, Target, TrainConfig, Trainer};
 use retinanet::{tiling, zoo, Checkpoint, RetinaNet, RetinaNetConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -55,7 +55,8 @@ struct Args {
     /// Start from a RetinaNet checkpoint or an ImageNet ResNet checkpoint.
     #[arg(long, conflicts_with = "from_scratch")]
     weights: Option<PathBuf>,
-    /// Start from random weights (frozen identity batch norm: expect weak features).
+    /// Start from random weights, as torchvision without weights: batch norm trains with
+    /// batch statistics and all 5 backbone stages train (see --batch-norm, --trainable-layers).
     #[arg(long)]
     from_scratch: bool,
     /// ResNet depth with --from-scratch.
@@ -79,9 +80,13 @@ struct Args {
     /// Clip the joint gradient norm to this (against early divergence from weak weights).
     #[arg(long)]
     clip_grad_norm: Option<f64>,
-    /// Backbone stages that train, from the top (at most 4).
-    #[arg(long, default_value_t = 3)]
-    trainable_layers: usize,
+    /// Backbone stages that train, from the top, at most 5 (default 3; 5 with --from-scratch).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=5))]
+    trainable_layers: Option<u64>,
+    /// Backbone batch norm: frozen (default with pretrained weights) or trained with batch
+    /// statistics and running statistics (default with --from-scratch).
+    #[arg(long, value_enum)]
+    batch_norm: Option<NormArg>,
     /// Short side after resizing.
     #[arg(long, default_value_t = 800)]
     min_size: usize,
@@ -121,6 +126,14 @@ struct Args {
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
+enum NormArg {
+    /// torchvision's FrozenBatchNorm2d: fixed statistics and affine.
+    Frozen,
+    /// nn.BatchNorm2d in training mode: batch statistics, learned affine, running statistics.
+    Train,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
 enum DeviceArg {
     Auto,
     Cpu,
@@ -142,6 +155,9 @@ struct RunConfig {
     schedule: String,
     clip_grad_norm: Option<f64>,
     trainable_layers: usize,
+    /// Absent in runs written before batch norm could train, which all froze it.
+    #[serde(default)]
+    backbone_norm: BackboneNorm,
     min_size: usize,
     max_size: usize,
     tile: Option<(u32, u32)>,
@@ -288,10 +304,12 @@ fn schedule(args: &Args, steps: usize) -> Result<LrSchedule> {
 /// Where the weights come from and the architecture they imply.
 fn start_and_config(args: &Args, num_classes: usize) -> Result<(Start, RetinaNetConfig)> {
     if args.from_scratch {
-        return Ok((
-            Start::Scratch,
-            RetinaNetConfig::v1(args.depth, num_classes)?,
-        ));
+        // torchvision's BatchNorm2d eps, which the checkpoints record for evaluation.
+        let config = RetinaNetConfig {
+            bn_eps: 1e-5,
+            ..RetinaNetConfig::v1(args.depth, num_classes)?
+        };
+        return Ok((Start::Scratch, config));
     }
     if let Some(path) = &args.weights {
         let ckpt = Checkpoint::open(path)
@@ -333,6 +351,18 @@ fn make_trainer(
     device: &Device,
 ) -> Result<(Trainer, RunConfig)> {
     let (start, model_config) = start_and_config(args, num_classes)?;
+    let mut config = TrainConfig::for_start(&model_config, &start, schedule);
+    if let Some(layers) = args.trainable_layers {
+        config.trainable_backbone_layers = layers as usize;
+    }
+    match args.batch_norm {
+        Some(NormArg::Frozen) => config.backbone_norm = BackboneNorm::Frozen,
+        Some(NormArg::Train) => config.backbone_norm = BackboneNorm::Batch,
+        None => {}
+    }
+    config.clip_grad_norm = args.clip_grad_norm;
+    config.seed = args.seed;
+    let schedule = &config.schedule;
     let names = &loader.dataset().class_names;
     let run_config = RunConfig {
         data: args.data.clone(),
@@ -345,17 +375,15 @@ fn make_trainer(
         batch_size: args.batch_size,
         schedule: format!("{schedule:?}"),
         clip_grad_norm: args.clip_grad_norm,
-        trainable_layers: args.trainable_layers,
+        trainable_layers: config.trainable_backbone_layers,
+        backbone_norm: config.backbone_norm,
         min_size: args.min_size,
         max_size: args.max_size,
         tile: args.tile.map(|t| (t, args.overlap)),
         hflip: args.hflip,
         seed: args.seed,
     };
-    let mut config = TrainConfig::for_model(&model_config, schedule);
-    config.trainable_backbone_layers = args.trainable_layers;
-    config.clip_grad_norm = args.clip_grad_norm;
-    config.seed = args.seed;
+    eprintln!("backbone: {}", describe_backbone(&config));
     let mut trainer = if args.resume {
         check_resumable(&args.out, &run_config)?;
         let last = args.out.join("last.safetensors");
@@ -392,6 +420,19 @@ fn make_trainer(
     trainer.model_mut().transform.min_size = args.min_size;
     trainer.model_mut().transform.max_size = args.max_size;
     Ok((trainer, run_config))
+}
+
+/// The backbone's training setup in words, e.g. `5 of 5 stages train, batch norm trains
+/// (batch statistics)`.
+fn describe_backbone(config: &TrainConfig) -> String {
+    let norm = match config.backbone_norm {
+        BackboneNorm::Frozen => "batch norm frozen",
+        BackboneNorm::Batch => "batch norm trains (batch statistics)",
+    };
+    format!(
+        "{} of 5 stages train, {norm}",
+        config.trainable_backbone_layers
+    )
 }
 
 fn check_resumable(out: &Path, run_config: &RunConfig) -> Result<()> {
