@@ -119,6 +119,7 @@ fn time_train(args: &Args) -> Result<Vec<f64>> {
 }
 
 fn main() -> Result<()> {
+    retinanet::device::one_candle_pool_thread();
     let args = Args::parse();
     let times = if args.mode == "train" {
         time_train(&args)?

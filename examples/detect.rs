@@ -141,6 +141,7 @@ struct CocoResult {
 }
 
 fn main() {
+    retinanet::device::one_candle_pool_thread();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);

@@ -36,6 +36,7 @@ struct Args {
 }
 
 fn main() {
+    retinanet::device::one_candle_pool_thread();
     let args = Args::parse();
     if let Err(e) = run(&args) {
         eprintln!("error: {e:#}");

@@ -166,6 +166,7 @@ struct RunConfig {
 }
 
 fn main() {
+    retinanet::device::one_candle_pool_thread();
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
