@@ -206,11 +206,19 @@ impl InitRng {
     }
 }
 
+/// Whether `name` is a head GroupNorm tensor (v2): `…_head.conv.{i}.1.{weight,bias}`, not the
+/// convolution `…_head.conv.{i}.0.weight` (which a bare `.1.` would also match for i = 1).
+fn is_head_norm(name: &str) -> bool {
+    name.split_once("_head.conv.")
+        .and_then(|(_, rest)| rest.split('.').nth(1))
+        .is_some_and(|layer| layer == "1")
+}
+
 /// torchvision's initial value of a new tensor, by name.
 fn fresh(name: &str, shape: &[usize], rng: &mut InitRng) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let leaf = name.rsplit('.').next().unwrap_or("");
-    let data = if is_backbone_norm(name) || name.contains("_head.conv.") && name.contains(".1.") {
+    let data = if is_backbone_norm(name) || is_head_norm(name) {
         // Batch norm (identity) and GroupNorm: weight 1, bias 0, mean 0, var 1.
         let v = if matches!(leaf, "weight" | "running_var") {
             1.0
@@ -582,6 +590,22 @@ mod tests {
         assert!((b[0] - (-(99f32).ln())).abs() < 1e-6);
         let v = fresh("backbone.body.layer1.0.bn1.running_var", &[4], &mut rng).unwrap();
         assert_eq!(v.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
+        // The second conv of a head is a convolution, not a norm.
+        let c = fresh(
+            "head.classification_head.conv.1.0.weight",
+            &[8, 8, 3, 3],
+            &mut rng,
+        )
+        .unwrap();
+        assert!(
+            c.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                < 0.1
+        );
         let g = fresh("head.regression_head.conv.0.1.weight", &[4], &mut rng).unwrap();
         assert_eq!(g.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
         let w = fresh(
