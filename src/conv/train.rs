@@ -487,7 +487,99 @@ fn grad_input_strided(g: &[f32], w: &[f32], geo: Geometry, d: ConvDims) -> Vec<f
 }
 
 /// ∂L/∂w = Σ over images and positions of the output gradient times the im2col columns.
+///
+/// Each thread owns a block of input channels, i.e. a block of the gradient's columns, and
+/// runs over every image and position with long products (k of ~1000 positions), so the
+/// output is read and written a few times instead of once per band of ~100 positions. The
+/// blocks are disjoint and each is summed in a fixed order: the result does not depend on
+/// the thread count, so training runs (and resumes) are reproducible.
 fn grad_weight(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
+    let (n, cin, cout, h, w, ho, wo) = d;
+    let kt = geo.k * geo.k;
+    let kk = cin * kt;
+    let q = ho * wo;
+    let threads = rayon::current_num_threads().max(1);
+    // Blocks of ~256 columns, at least two per thread for balance.
+    let blocks = (kk / 256).max(2 * threads).min(cin);
+    let cb = cin.div_ceil(blocks);
+    if cin.div_ceil(cb) < 2 * threads {
+        return grad_weight_by_positions(g, x, geo, d);
+    }
+    let pointwise = geo.k == 1 && geo.stride == 1 && geo.padding == 0;
+    let mut total = vec![0f32; cout * kk];
+    let out = SharedOut(total.as_mut_ptr());
+    (0..cin.div_ceil(cb)).into_par_iter().for_each(|b| {
+        let (c0, c1) = (b * cb, (b * cb + cb).min(cin));
+        let rows = (c1 - c0) * kt;
+        let nb = if pointwise {
+            q
+        } else {
+            (BAND_FLOATS / rows).clamp(64, 4096).min(q)
+        };
+        let mut cols = vec![0f32; if pointwise { 0 } else { rows * nb }];
+        for img in 0..n {
+            let channels = &x[(img * cin + c0) * h * w..(img * cin + c1) * h * w];
+            for q0 in (0..q).step_by(nb) {
+                let len = nb.min(q - q0);
+                // A 1×1 stride-1 convolution reads its columns straight from the input
+                // (rows q apart); anything else copies them into an im2col band.
+                let (band, band_rs): (&[f32], usize) = if pointwise {
+                    (&channels[q0..], q)
+                } else {
+                    let band = &mut cols[..rows * len];
+                    im2col(&geo, channels, h, w, q0, len, band);
+                    (band, len)
+                };
+                let lhs = &g[img * cout * q + q0..];
+                // SAFETY: the destination is the cout × rows block at column c0·k·k of the
+                // cout × kk gradient (rows kk apart), written by this thread only; lhs rows
+                // are q apart with len values from q0; band holds rows rows of band_rs with
+                // len values each, read transposed.
+                unsafe {
+                    gemm(
+                        cout,
+                        rows,
+                        len,
+                        out.at(c0 * kt),
+                        1,
+                        kk as isize,
+                        true,
+                        lhs.as_ptr(),
+                        1,
+                        q as isize,
+                        band.as_ptr(),
+                        band_rs as isize,
+                        1,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
+                    );
+                }
+            }
+        }
+    });
+    total
+}
+
+/// The weight gradient's buffer, shared by threads that write disjoint column blocks.
+struct SharedOut(*mut f32);
+// SAFETY: every thread writes its own columns (see `grad_weight`).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `i` must be within the buffer.
+    unsafe fn at(&self, i: usize) -> *mut f32 {
+        self.0.add(i)
+    }
+}
+
+/// [`grad_weight`] for few input channels (the stem): the positions are split among the
+/// threads, each summing a whole `cout × cin·k·k` partial gradient.
+fn grad_weight_by_positions(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
     let (n, cin, cout, h, w, ho, wo) = d;
     let kk = cin * geo.k * geo.k;
     let q = ho * wo;
@@ -620,6 +712,8 @@ mod tests {
             (300, 20, 3, 2, 1, 9, 8),
             (128, 256, 3, 2, 1, 50, 67),
             (128, 256, 1, 2, 0, 50, 67),
+            // More positions than one weight-gradient band holds.
+            (64, 8, 3, 1, 1, 48, 48),
             // Above the Winograd threshold, forward and input gradient.
             (130, 140, 3, 1, 1, 13, 14),
         ] {
