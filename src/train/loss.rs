@@ -144,6 +144,7 @@ pub fn focal_loss_sum(
         k,
         alpha,
         gamma,
+        grad: std::sync::OnceLock::new(),
     };
     Ok(logits.contiguous()?.apply_op1(op)?)
 }
@@ -154,6 +155,8 @@ struct FocalSum {
     k: usize,
     alpha: Option<f64>,
     gamma: f64,
+    /// ∂loss/∂logits, computed with the loss (they share the exponentials) for `bwd`.
+    grad: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl FocalSum {
@@ -163,13 +166,14 @@ impl FocalSum {
         // With s = ±1 the sign that makes the logit "right": p_t = σ(s·x).
         let s = if t { 1.0 } else { -1.0 };
         let z = s * x;
-        // ce = −ln σ(z) = softplus(−z), finite for any z; q = 1 − p_t = σ(−z).
-        let ce = (-z).max(0.0) + (-z.abs()).exp().ln_1p();
+        // ce = −ln σ(z) = softplus(−z), finite for any z; q = 1 − p_t = σ(−z). One
+        // exponential, e^−|z| ≤ 1, serves both.
+        let e = (-z.abs()).exp();
+        let ce = (-z).max(0.0) + e.ln_1p();
         let q = if z >= 0.0 {
-            let e = (-z).exp();
             e / (1.0 + e)
         } else {
-            1.0 / (1.0 + z.exp())
+            1.0 / (1.0 + e)
         };
         let alpha_t = match self.alpha {
             Some(a) if t => a,
@@ -203,21 +207,25 @@ impl candle_core::CustomOp1 for FocalSum {
         };
         let x = &v[layout.start_offset()..][..layout.shape().elem_count()];
         let k = self.k;
-        let total: f64 = x
-            .par_chunks(k)
+        let mut grad = vec![0f32; x.len()];
+        let total: f64 = grad
+            .par_chunks_mut(k)
+            .zip(x.par_chunks(k))
             .zip(self.labels.par_iter().zip(self.weights.par_iter()))
-            .map(|(row, (&label, &w))| {
+            .map(|((gr, row), (&label, &w))| {
                 if w == 0.0 {
                     return 0.0;
                 }
-                let sum: f64 = row
-                    .iter()
-                    .enumerate()
-                    .map(|(c, &xv)| self.element(xv as f64, c as u32 == label).0)
-                    .sum();
+                let mut sum = 0f64;
+                for (c, (gv, &xv)) in gr.iter_mut().zip(row).enumerate() {
+                    let (l, d) = self.element(xv as f64, c as u32 == label);
+                    sum += l;
+                    *gv = (w as f64 * d) as f32;
+                }
                 sum * w as f64
             })
             .sum();
+        let _ = self.grad.set(grad);
         Ok((candle_core::CpuStorage::F32(vec![total as f32]), ().into()))
     }
 
@@ -229,21 +237,10 @@ impl candle_core::CustomOp1 for FocalSum {
     ) -> candle_core::Result<Option<Tensor>> {
         use rayon::prelude::*;
         let scale = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        let x: Vec<f32> = arg.flatten_all()?.to_vec1()?;
-        let k = self.k;
-        let mut g = vec![0f32; x.len()];
-        g.par_chunks_mut(k)
-            .zip(x.par_chunks(k))
-            .zip(self.labels.par_iter().zip(self.weights.par_iter()))
-            .for_each(|((gr, row), (&label, &w))| {
-                if w == 0.0 {
-                    return;
-                }
-                let f = scale * w as f64;
-                for (c, (gv, &xv)) in gr.iter_mut().zip(row).enumerate() {
-                    *gv = (f * self.element(xv as f64, c as u32 == label).1) as f32;
-                }
-            });
+        let Some(d) = self.grad.get() else {
+            candle_core::bail!("focal loss: backward before forward");
+        };
+        let g: Vec<f32> = d.par_iter().map(|&v| (scale * v as f64) as f32).collect();
         Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?))
     }
 }
