@@ -88,12 +88,10 @@ impl Subnet {
             y = layer.forward(conv, &y)?;
         }
         let y = convs[self.trunk.len()].forward_with(&y, None, false)?;
-        let (n, _, h, w) = y.dims4()?;
+        let n = y.dim(0)?;
         let k = self.outputs_per_anchor;
-        // (N, A·K, H, W) → (N, A, K, H, W) → (N, H, W, A, K) → (N, H·W·A, K).
-        y.reshape((n, (), k, h, w))?
-            .permute((0, 3, 4, 1, 2))?
-            .reshape((n, (), k))
+        // (N, A·K, H, W) → (N, H, W, A·K) = (N, H·W·A, K).
+        crate::conv::channels_last(&y)?.reshape((n, (), k))
     }
 
     fn fuse(&mut self, precision: Precision) -> Result<()> {

@@ -77,12 +77,14 @@ impl FusedConv2d {
         padding: usize,
         algorithm: Algorithm,
     ) -> Result<Self> {
-        let spec = match algorithm {
-            Algorithm::Gemm => None,
-            Algorithm::Winograd2 => Some(&F2),
-            Algorithm::Auto | Algorithm::Winograd4 => Some(&F4),
-        };
-        Self::with_spec(weight, bias, stride, padding, spec, Precision::F32)
+        Self::with_spec(
+            weight,
+            bias,
+            stride,
+            padding,
+            algorithm.spec(),
+            Precision::F32,
+        )
     }
 
     /// As [`FusedConv2d::new`] at the given precision of the products.
@@ -110,27 +112,46 @@ impl FusedConv2d {
         spec: Option<&'static Spec>,
         precision: Precision,
     ) -> Result<Self> {
-        tune_allocator();
         let (cout, cin, k, k2) = weight.dims4()?;
-        if k != k2 || stride == 0 {
-            candle_core::bail!("unsupported conv: kernel {k}×{k2}, stride {stride}");
+        if k != k2 {
+            candle_core::bail!("unsupported conv: kernel {k}×{k2}");
         }
-        let w = weight.to_dtype(DType::F32)?;
+        let w: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let bias = bias.to_dtype(DType::F32)?.to_vec1()?;
+        Self::from_host(&w, bias, (cout, cin, k), (stride, padding), spec, precision)
+    }
+
+    /// The kernels from host weights `(cout, cin, k, k)`: training builds them every step,
+    /// so this avoids tensor round trips and single-threaded strided copies.
+    fn from_host(
+        w: &[f32],
+        bias: Vec<f32>,
+        (cout, cin, k): (usize, usize, usize),
+        (stride, padding): (usize, usize),
+        spec: Option<&'static Spec>,
+        precision: Precision,
+    ) -> Result<Self> {
+        tune_allocator();
+        if stride == 0 || w.len() != cout * cin * k * k || bias.len() != cout {
+            candle_core::bail!(
+                "unsupported conv: {} weights and {} biases for {cout}×{cin}×{k}×{k}, stride {stride}",
+                w.len(),
+                bias.len()
+            );
+        }
+        // Stride 1 runs tap by tap: weights tap-major, `(k·k, cout, cin)`.
         let packed = if stride == 1 {
-            w.permute((2, 3, 0, 1))?.contiguous()?
+            pack_taps(w, cout, cin, k * k)
         } else {
-            w.clone()
+            w.to_vec()
         };
         // Below 64 input channels the transforms cost more than the products save (at 64:
         // 262 vs 185 GFLOP/s for layer1 at 200×272).
         let eligible = k == 3 && stride == 1 && padding == 1 && cin >= 64;
         let winograd = match spec {
-            Some(spec) if eligible => {
-                Some(Winograd::new(spec, &w.flatten_all()?.to_vec1()?, cout, cin))
-            }
+            Some(spec) if eligible => Some(Winograd::new(spec, w, cout, cin)),
             _ => None,
         };
-        let packed: Vec<f32> = packed.flatten_all()?.to_vec1()?;
         let bf16 = match precision {
             Precision::F32 => None,
             Precision::Bf16 if !bf16::supported() => {
@@ -146,7 +167,7 @@ impl FusedConv2d {
             winograd,
             bf16,
             packed,
-            bias: bias.to_dtype(DType::F32)?.to_vec1()?,
+            bias,
             cin,
             cout,
             k,
@@ -424,6 +445,21 @@ impl Geometry {
 
 /// im2col of output columns `q0..q0 + nb` of one image (`cin × h × w`) into `cols`
 /// (`cin·k·k × nb`), one output-row segment at a time.
+/// `(cout, cin, taps)` weights as `(taps, cout, cin)`, in parallel.
+fn pack_taps(w: &[f32], cout: usize, cin: usize, taps: usize) -> Vec<f32> {
+    let mut packed = vec![0f32; w.len()];
+    packed
+        .par_chunks_mut(cin)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (t, co) = (row / cout, row % cout);
+            for (ci, d) in dst.iter_mut().enumerate() {
+                *d = w[(co * cin + ci) * taps + t];
+            }
+        });
+    packed
+}
+
 pub(crate) fn im2col(
     g: &Geometry,
     x: &[f32],
@@ -646,6 +682,17 @@ pub enum Algorithm {
     Winograd2,
     /// Winograd F(4×4, 3×3).
     Winograd4,
+}
+
+impl Algorithm {
+    /// The Winograd transforms of eligible convolutions, if any.
+    fn spec(self) -> Option<&'static Spec> {
+        match self {
+            Algorithm::Gemm => None,
+            Algorithm::Winograd2 => Some(&F2),
+            Algorithm::Auto | Algorithm::Winograd4 => Some(&F4),
+        }
+    }
 }
 
 /// Geometry of the tiles over a padded image.
@@ -1070,6 +1117,83 @@ impl CustomOp2 for ConvOp<'_> {
     }
 }
 
+/// `(N, C, H, W)` → `(N, H, W, C)`, contiguous and differentiable: the head's outputs per
+/// anchor. On f32 CPU tensors a parallel blocked transpose (Candle's strided copy is
+/// single-threaded, and the class outputs are ~10⁷ values per training batch).
+pub fn channels_last(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+        return x.permute((0, 2, 3, 1))?.contiguous();
+    }
+    let y = x.contiguous()?.apply_op1(Transpose {
+        rows: c,
+        inverse: false,
+    })?;
+    y.reshape((n, h, w, c))
+}
+
+/// Per image, `(rows, cols)` → `(cols, rows)` (or back with `inverse`), where the input is
+/// `(N, rows, cols...)`.
+struct Transpose {
+    rows: usize,
+    inverse: bool,
+}
+
+/// Positions per block of [`Transpose`]: the block's output stays in L2.
+const TRANSPOSE_BLOCK: usize = 64;
+
+fn transpose_images(x: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    if x.is_empty() {
+        return out;
+    }
+    let per = rows * cols;
+    out.par_chunks_mut(TRANSPOSE_BLOCK * rows)
+        .enumerate()
+        .for_each(|(b, dst)| {
+            // Output row q is column q % cols of image q / cols.
+            let first = b * TRANSPOSE_BLOCK;
+            for (j, row) in dst.chunks_exact_mut(rows).enumerate() {
+                let q = first + j;
+                let (img, col) = (q / cols, q % cols);
+                let src = &x[img * per..][..per];
+                for (r, d) in row.iter_mut().enumerate() {
+                    *d = src[r * cols + col];
+                }
+            }
+        });
+    out
+}
+
+impl CustomOp1 for Transpose {
+    fn name(&self) -> &'static str {
+        "channels-last"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(storage, layout)?;
+        let dims = layout.shape().dims();
+        let n = dims[0];
+        let per = layout.shape().elem_count() / n.max(1);
+        let (rows, cols) = if self.inverse {
+            (per / self.rows, self.rows)
+        } else {
+            (self.rows, per / self.rows)
+        };
+        let out = transpose_images(x, rows, cols);
+        Ok((CpuStorage::F32(out), Shape::from((n, cols, rows))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let back = Transpose {
+            rows: self.rows,
+            inverse: !self.inverse,
+        };
+        let g = grad.contiguous()?.apply_op1_no_bwd(&back)?;
+        Ok(Some(g.reshape(arg.shape())?))
+    }
+}
+
 /// `MaxPool2d(3, stride 2, padding 1)` on an f32 CPU tensor in one parallel pass (Candle's
 /// pool has no padding, so it would need two padded copies first). Not differentiable.
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
@@ -1422,6 +1546,45 @@ mod tests {
                 let rel = err.to_scalar::<f32>().unwrap() / scale;
                 assert!(rel < bound, "F({}) {h}×{w}: rel err {rel}", spec.t - 2);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod channels_last_tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn channels_last_matches_permute_forward_and_backward() {
+        let dev = Device::Cpu;
+        for (n, c, h, w) in [(2, 5, 3, 7), (1, 819, 9, 13), (3, 36, 1, 1), (2, 7, 64, 3)] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap()).unwrap();
+            let ours = channels_last(x.as_tensor()).unwrap();
+            let theirs = x
+                .as_tensor()
+                .permute((0, 2, 3, 1))
+                .unwrap()
+                .contiguous()
+                .unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            let diff = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+            // A weighting that makes every position's gradient distinct.
+            let r = Tensor::randn(0f32, 1.0, (n, h, w, c), &dev).unwrap();
+            let g1 = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (&theirs * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let a = g1.get(x.as_tensor()).unwrap();
+            let b = g2.get(x.as_tensor()).unwrap();
+            assert_eq!(a.dims(), &[n, c, h, w]);
+            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
         }
     }
 }

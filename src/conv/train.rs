@@ -164,16 +164,19 @@ impl TrainConv2d {
             return Ok(c);
         }
         let (cout, cin, k, _) = self.weight.dims4()?;
-        let mut flipped = vec![0f32; cout * cin * k * k];
+        let kk = k * k;
+        let mut flipped = vec![0f32; cout * cin * kk];
         with_host(&self.weight, |w| {
-            for co in 0..cout {
-                for ci in 0..cin {
-                    for t in 0..k * k {
-                        flipped[(ci * cout + co) * k * k + (k * k - 1 - t)] =
-                            w[(co * cin + ci) * k * k + t];
+            flipped
+                .par_chunks_mut(cout * kk)
+                .enumerate()
+                .for_each(|(ci, dst)| {
+                    for co in 0..cout {
+                        for t in 0..kk {
+                            dst[co * kk + (kk - 1 - t)] = w[(co * cin + ci) * kk + t];
+                        }
                     }
-                }
-            }
+                })
         })?;
         let geo = Geometry {
             k,
@@ -428,11 +431,14 @@ fn fused(
     geo: Geometry,
     algorithm: Algorithm,
 ) -> Result<FusedConv2d> {
-    let (cout, cin, k) = dims;
-    let dev = candle_core::Device::Cpu;
-    let wt = Tensor::from_slice(w, (cout, cin, k, k), &dev)?;
-    let b = Tensor::from_vec(bias, cout, &dev)?;
-    FusedConv2d::with_algorithm(&wt, &b, geo.stride, geo.padding, algorithm)
+    FusedConv2d::from_host(
+        w,
+        bias,
+        dims,
+        (geo.stride, geo.padding),
+        algorithm.spec(),
+        super::Precision::F32,
+    )
 }
 
 /// Per-channel sums of an `(n, c, plane)` gradient, accumulated in f64.
