@@ -106,6 +106,9 @@ impl Sgd {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            if step_in_place(&mut self.buffers, self.config, (name, var), g, lr)? {
+                continue;
+            }
             // Detached: the update must not record a graph (each buffer would otherwise hold
             // every earlier step's).
             let w = var.as_tensor().detach();
@@ -129,6 +132,163 @@ impl Sgd {
             }
             var.set(&(w - (d * lr)?)?)?;
         }
+        Ok(())
+    }
+}
+
+/// The update of an f32 CPU variable with momentum as two parallel in-place passes (the
+/// buffer, then the weights) with the same float32 arithmetic, in the same order, as the
+/// tensor ops of [`Sgd::step`]. Returns false where it does not apply.
+fn step_in_place(
+    buffers: &mut BTreeMap<String, Tensor>,
+    c: SgdConfig,
+    (name, var): (&str, &Var),
+    g: &Tensor,
+    lr: f64,
+) -> Result<bool> {
+    let w = var.as_tensor();
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if c.momentum == 0.0 || !cpu_f32(w) || !cpu_f32(g) || !w.is_contiguous() {
+        return Ok(false);
+    }
+    if let Some(b) = buffers.get(name) {
+        if !cpu_f32(b) || !b.is_contiguous() {
+            return Ok(false);
+        }
+    }
+    let g = g.contiguous()?;
+    let first = !buffers.contains_key(name);
+    if first {
+        buffers.insert(name.to_string(), w.zeros_like()?);
+    }
+    let buf = &buffers[name];
+    let coeffs = SgdCoeffs {
+        weight_decay: c.weight_decay as f32,
+        momentum: c.momentum as f32,
+        dampening: c.dampening as f32,
+        lr: lr as f32,
+        nesterov: c.nesterov,
+    };
+    buf.inplace_op3(&g, w, &MomentumPass { c: coeffs, first })?;
+    w.inplace_op3(&g, buf, &WeightPass { c: coeffs })?;
+    Ok(true)
+}
+
+#[derive(Clone, Copy)]
+struct SgdCoeffs {
+    weight_decay: f32,
+    momentum: f32,
+    dampening: f32,
+    lr: f32,
+    nesterov: bool,
+}
+
+impl SgdCoeffs {
+    /// d = g + w·weight_decay.
+    #[inline]
+    fn decayed(&self, g: f32, w: f32) -> f32 {
+        if self.weight_decay != 0.0 {
+            g + w * self.weight_decay
+        } else {
+            g
+        }
+    }
+}
+
+/// buf ← buf·momentum + d·(1 − dampening) (buf ← d on the first step).
+struct MomentumPass {
+    c: SgdCoeffs,
+    first: bool,
+}
+
+/// w ← w − lr·(nesterov ? d + buf·momentum : buf).
+struct WeightPass {
+    c: SgdCoeffs,
+}
+
+/// The values of a contiguous f32 CPU storage.
+fn host<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    match s {
+        candle_core::CpuStorage::F32(v) if l.is_contiguous() => {
+            Ok(&v[l.start_offset()..][..l.shape().elem_count()])
+        }
+        _ => candle_core::bail!("sgd: expected a contiguous f32 CPU tensor"),
+    }
+}
+
+fn host_mut<'a>(
+    s: &'a mut candle_core::CpuStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    match s {
+        candle_core::CpuStorage::F32(v) if l.is_contiguous() => {
+            Ok(&mut v[l.start_offset()..][..l.shape().elem_count()])
+        }
+        _ => candle_core::bail!("sgd: expected a contiguous f32 CPU tensor"),
+    }
+}
+
+impl candle_core::InplaceOp3 for MomentumPass {
+    fn name(&self) -> &'static str {
+        "sgd-momentum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (buf, g, w) = (host_mut(s1, l1)?, host(s2, l2)?, host(s3, l3)?);
+        let c = self.c;
+        buf.par_iter_mut()
+            .zip(g.par_iter().zip(w.par_iter()))
+            .for_each(|(b, (&g, &w))| {
+                let d = c.decayed(g, w);
+                *b = if self.first {
+                    d
+                } else {
+                    *b * c.momentum + d * (1.0 - c.dampening)
+                };
+            });
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp3 for WeightPass {
+    fn name(&self) -> &'static str {
+        "sgd-weights"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let (w, g, buf) = (host_mut(s1, l1)?, host(s2, l2)?, host(s3, l3)?);
+        let c = self.c;
+        w.par_iter_mut()
+            .zip(g.par_iter().zip(buf.par_iter()))
+            .for_each(|(w, (&g, &b))| {
+                let d = if c.nesterov {
+                    c.decayed(g, *w) + b * c.momentum
+                } else {
+                    b
+                };
+                *w -= d * c.lr;
+            });
         Ok(())
     }
 }
