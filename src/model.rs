@@ -364,7 +364,10 @@ impl RetinaNet {
 
     /// Copies off the device the rows of one level whose best class passes the threshold.
     fn candidates(&self, logits: &Tensor, deltas: &Tensor, k: usize) -> Result<LevelCandidates> {
-        let best: Vec<f32> = logits.max(D::Minus1)?.to_dtype(DType::F32)?.to_vec1()?;
+        let best: Vec<f32> = match row_maxima_on_host(logits, k) {
+            Some(best) => best,
+            None => logits.max(D::Minus1)?.to_dtype(DType::F32)?.to_vec1()?,
+        };
         let thresh = self.postprocess.score_thresh;
         let anchor_idx: Vec<usize> = best
             .iter()
@@ -375,20 +378,34 @@ impl RetinaNet {
         if anchor_idx.is_empty() {
             return Ok(LevelCandidates::default());
         }
-        let idx: Vec<u32> = anchor_idx.iter().map(|&i| i as u32).collect();
-        let idx = Tensor::from_vec(idx, anchor_idx.len(), &self.device)?;
-        let logits = logits
-            .index_select(&idx, 0)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let deltas = deltas
-            .index_select(&idx, 0)?
-            .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?
-            .into_iter()
-            .map(|r| [r[0], r[1], r[2], r[3]])
-            .collect();
+        let (logits, deltas) = match (
+            rows_on_host(logits, k, &anchor_idx),
+            rows_on_host(deltas, 4, &anchor_idx),
+        ) {
+            (Some(l), Some(d)) => (
+                l,
+                d.chunks_exact(4)
+                    .map(|r| [r[0], r[1], r[2], r[3]])
+                    .collect(),
+            ),
+            _ => {
+                let idx: Vec<u32> = anchor_idx.iter().map(|&i| i as u32).collect();
+                let idx = Tensor::from_vec(idx, anchor_idx.len(), &self.device)?;
+                let logits = logits
+                    .index_select(&idx, 0)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                let deltas = deltas
+                    .index_select(&idx, 0)?
+                    .to_dtype(DType::F32)?
+                    .to_vec2::<f32>()?
+                    .into_iter()
+                    .map(|r| [r[0], r[1], r[2], r[3]])
+                    .collect();
+                (logits, deltas)
+            }
+        };
         debug_assert_eq!(logits.len(), anchor_idx.len() * k);
         Ok(LevelCandidates {
             anchor_idx,
@@ -428,4 +445,42 @@ fn rescale(
         ];
     }
     dets
+}
+
+/// The given rows of a contiguous f32 CPU `(rows, k)` tensor, gathered straight from its
+/// storage; `None` for anything else.
+fn rows_on_host(t: &Tensor, k: usize, rows: &[usize]) -> Option<Vec<f32>> {
+    if !(t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()) {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
+        return None;
+    };
+    let values = &v[layout.start_offset()..][..layout.shape().elem_count()];
+    let mut out = Vec::with_capacity(rows.len() * k);
+    for &r in rows {
+        out.extend_from_slice(values.get(r * k..(r + 1) * k)?);
+    }
+    Some(out)
+}
+
+/// Per-row maxima of a contiguous f32 CPU `(rows, k)` tensor in one parallel pass (Candle's
+/// reduction runs on one thread); `None` for anything else.
+fn row_maxima_on_host(t: &Tensor, k: usize) -> Option<Vec<f32>> {
+    use rayon::prelude::*;
+    if !(t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()) || k == 0 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
+        return None;
+    };
+    let values = &v[layout.start_offset()..][..layout.shape().elem_count()];
+    Some(
+        values
+            .par_chunks(k)
+            .map(|row| row.iter().copied().fold(f32::NEG_INFINITY, f32::max))
+            .collect(),
+    )
 }

@@ -97,8 +97,19 @@ impl PostProcessConfig {
     /// `topk_candidates` of them, by score descending (ties by flat index).
     fn top_candidates(&self, level: &LevelCandidates, k: usize) -> Vec<(usize, usize, f32)> {
         let mut cands: Vec<(usize, usize, f32)> = Vec::new();
+        // Only logits near or above logit(threshold) can pass: skip the exponential for the
+        // rest (the margin keeps the exact f32 test `sigmoid(x) > threshold` the judge).
+        let t = self.score_thresh as f64;
+        let cut = if t > 0.0 && t < 1.0 {
+            ((t / (1.0 - t)).ln() - 1e-3) as f32
+        } else {
+            f32::NEG_INFINITY
+        };
         for (row, logits) in level.logits.chunks_exact(k).enumerate() {
             for (class, &logit) in logits.iter().enumerate() {
+                if logit < cut {
+                    continue;
+                }
                 let s = sigmoid(logit);
                 if s > self.score_thresh {
                     cands.push((row, class, s));
