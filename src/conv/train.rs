@@ -524,9 +524,7 @@ fn grad_weight(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
     let kk = cin * kt;
     let q = ho * wo;
     let threads = rayon::current_num_threads().max(1);
-    // Blocks of ~256 columns, at least two per thread for balance.
-    let blocks = (kk / 256).max(2 * threads).min(cin);
-    let cb = cin.div_ceil(blocks);
+    let cb = channel_block(cin, geo.k * geo.k, threads);
     if cin.div_ceil(cb) < 2 * threads {
         return grad_weight_by_positions(g, x, geo, d);
     }
@@ -599,6 +597,20 @@ impl SharedOut {
     /// `i` must be within the buffer.
     unsafe fn at(&self, i: usize) -> *mut f32 {
         self.0.add(i)
+    }
+}
+
+/// Input channels per block of [`grad_weight`]: blocks of ~256 gradient columns, at least two
+/// per thread, preferably equal and as many per thread (a 9th block on 2 threads idled one
+/// of them for a ninth of the time).
+fn channel_block(cin: usize, taps: usize, threads: usize) -> usize {
+    let rows_off = |b: usize| (cin * taps / b).abs_diff(256);
+    let even = (2 * threads..=cin)
+        .filter(|&b| b.is_multiple_of(threads) && cin.is_multiple_of(b))
+        .min_by_key(|&b| rows_off(b));
+    match even {
+        Some(b) => cin / b,
+        None => cin.div_ceil(((cin * taps) / 256).max(2 * threads).min(cin)),
     }
 }
 
