@@ -170,10 +170,11 @@ impl FocalSum {
         // exponential, e^−|z| ≤ 1, serves both.
         // Beyond |z| = 100, e < 4e-44 changes nothing in f32; skipping libm's underflow
         // path there saves its slow special case.
-        let e = if z.abs() < 100.0 {
-            (-z.abs()).exp()
-        } else {
+        // (NaN fails the test and propagates.)
+        let e = if z.abs() >= 100.0 {
             0.0
+        } else {
+            (-z.abs()).exp()
         };
         let ce = (-z).max(0.0) + e.ln_1p();
         let q = if z >= 0.0 {
@@ -487,6 +488,28 @@ mod tests {
         assert_eq!(l[2], 0.0);
         assert!((l[3] - 250.0).abs() < 1e-3, "{l:?}");
         assert!((l[4] - 750.0).abs() < 1e-3, "{l:?}");
+    }
+
+    #[test]
+    fn fused_focal_sum_propagates_nan_and_handles_huge_logits() {
+        let dev = Device::Cpu;
+        let sum = |v: Vec<f32>| {
+            let x = Tensor::from_vec(v, (1, 1, 3), &dev).unwrap();
+            focal_loss_sum(&x, &[1], &[1.0], Some(0.25), 2.0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        assert!(sum(vec![0.0, f32::NAN, 1.0]).is_nan());
+        assert!(sum(vec![f32::NAN, 2.0, -3.0]).is_nan());
+        // Right by a mile: no loss; wrong by a mile: the loss grows linearly.
+        assert_eq!(sum(vec![-1e4, 1e4, -1e4]), 0.0);
+        let wrong = sum(vec![1e4, -1e4, 0.0]) as f64;
+        let expected = 0.75 * 1e4 + 0.25 * 1e4 + 0.75 * 0.25 * std::f64::consts::LN_2;
+        assert!(
+            (wrong - expected).abs() / expected < 1e-6,
+            "{wrong} vs {expected}"
+        );
     }
 
     #[test]
