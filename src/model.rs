@@ -450,37 +450,26 @@ fn rescale(
 /// The given rows of a contiguous f32 CPU `(rows, k)` tensor, gathered straight from its
 /// storage; `None` for anything else.
 fn rows_on_host(t: &Tensor, k: usize, rows: &[usize]) -> Option<Vec<f32>> {
-    if !(t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()) {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
-        return None;
-    };
-    let values = &v[layout.start_offset()..][..layout.shape().elem_count()];
-    let mut out = Vec::with_capacity(rows.len() * k);
-    for &r in rows {
-        out.extend_from_slice(values.get(r * k..(r + 1) * k)?);
-    }
-    Some(out)
+    crate::conv::host_f32(t, |values| {
+        let mut out = Vec::with_capacity(rows.len() * k);
+        for &r in rows {
+            out.extend_from_slice(values.get(r * k..(r + 1) * k)?);
+        }
+        Some(out)
+    })?
 }
 
 /// Per-row maxima of a contiguous f32 CPU `(rows, k)` tensor in one parallel pass (Candle's
 /// reduction runs on one thread); `None` for anything else.
 fn row_maxima_on_host(t: &Tensor, k: usize) -> Option<Vec<f32>> {
     use rayon::prelude::*;
-    if !(t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()) || k == 0 {
+    if k == 0 {
         return None;
     }
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = &*storage else {
-        return None;
-    };
-    let values = &v[layout.start_offset()..][..layout.shape().elem_count()];
-    Some(
+    crate::conv::host_f32(t, |values| {
         values
             .par_chunks(k)
             .map(|row| row.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-            .collect(),
-    )
+            .collect()
+    })
 }

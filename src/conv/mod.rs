@@ -1080,7 +1080,20 @@ impl ConvOp<'_> {
     }
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+/// Runs `f` on the values of a contiguous f32 CPU tensor in place; `None` for any other
+/// tensor (the caller falls back to Candle's ops).
+pub(crate) fn host_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    if !t.is_contiguous() {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => f32_slice(cpu, layout).ok().map(f),
+        _ => None,
+    }
+}
+
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     match s {
         CpuStorage::F32(v) if l.is_contiguous() => {
             Ok(&v[l.start_offset()..][..l.shape().elem_count()])

@@ -9,9 +9,7 @@
 //! tensor per convolution instead of four and skips three full passes each way; gradients of
 //! inputs that need none (the output of a frozen stage) are not computed.
 
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
@@ -413,13 +411,9 @@ impl CustomOp3 for TrainConv {
 
 /// Runs `f` on the values of an f32 CPU tensor without copying them.
 fn with_host<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => {
-            Ok(f(&v[layout.start_offset()..][..layout.shape().elem_count()]))
-        }
-        _ => candle_core::bail!("training conv: expected an f32 CPU tensor"),
+    match super::host_f32(&t.contiguous()?, f) {
+        Some(r) => Ok(r),
+        None => candle_core::bail!("training conv: expected an f32 CPU tensor"),
     }
 }
 
@@ -524,7 +518,7 @@ fn grad_weight(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
     let kk = cin * kt;
     let q = ho * wo;
     let threads = rayon::current_num_threads().max(1);
-    let cb = channel_block(cin, geo.k * geo.k, threads);
+    let cb = channel_block(cin, kt, threads);
     if cin.div_ceil(cb) < 2 * threads {
         return grad_weight_by_positions(g, x, geo, d);
     }
@@ -544,47 +538,86 @@ fn grad_weight(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
             let channels = &x[(img * cin + c0) * h * w..(img * cin + c1) * h * w];
             for q0 in (0..q).step_by(nb) {
                 let len = nb.min(q - q0);
-                // A 1×1 stride-1 convolution reads its columns straight from the input
-                // (rows q apart); anything else copies them into an im2col band.
-                let (band, band_rs): (&[f32], usize) = if pointwise {
-                    (&channels[q0..], q)
-                } else {
-                    let band = &mut cols[..rows * len];
-                    im2col(&geo, channels, h, w, q0, len, band);
-                    (band, len)
+                let band = Band {
+                    input: channels,
+                    q0,
+                    len,
                 };
-                let lhs = &g[img * cout * q + q0..];
                 // SAFETY: the destination is the cout × rows block at column c0·k·k of the
-                // cout × kk gradient (rows kk apart), written by this thread only; lhs rows
-                // are q apart with len values from q0; band holds rows rows of band_rs with
-                // len values each, read transposed.
+                // cout × kk gradient (rows kk apart), written by this thread only.
                 unsafe {
-                    gemm(
-                        cout,
-                        rows,
-                        len,
+                    accumulate_band(
+                        &geo,
+                        d,
+                        band,
+                        &g[img * cout * q..],
+                        &mut cols,
                         out.at(c0 * kt),
-                        1,
-                        kk as isize,
-                        true,
-                        lhs.as_ptr(),
-                        1,
-                        q as isize,
-                        band.as_ptr(),
-                        band_rs as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
+                        kk,
+                    )
+                };
             }
         }
     });
     total
+}
+
+/// Positions `q0..q0 + len` of the channels in `input` (one image's, `channels × h × w`).
+struct Band<'a> {
+    input: &'a [f32],
+    q0: usize,
+    len: usize,
+}
+
+/// `dst += g_img[:, band] · columns(band)ᵀ`: the weight-gradient contribution of one band of
+/// positions, for the input channels of `band` (`rows` = channels·k·k gradient columns).
+/// A 1×1 stride-1 convolution reads its columns straight from the input (rows q apart);
+/// anything else copies them into an im2col band in `cols`.
+///
+/// # Safety
+/// `dst` must point at a `cout × rows` block whose rows are `dst_rs` apart, written by no
+/// other thread meanwhile; `g_img` starts at the image's `cout × q` output gradient.
+unsafe fn accumulate_band(
+    geo: &Geometry,
+    d: ConvDims,
+    band: Band,
+    g_img: &[f32],
+    cols: &mut [f32],
+    dst: *mut f32,
+    dst_rs: usize,
+) {
+    let (_, _, cout, h, w, ho, wo) = d;
+    let q = ho * wo;
+    let rows = band.input.len() / (h * w) * geo.k * geo.k;
+    let pointwise = geo.k == 1 && geo.stride == 1 && geo.padding == 0;
+    let (cols, cols_rs): (&[f32], usize) = if pointwise {
+        (&band.input[band.q0..], q)
+    } else {
+        let cols = &mut cols[..rows * band.len];
+        im2col(geo, band.input, h, w, band.q0, band.len, cols);
+        (cols, band.len)
+    };
+    gemm(
+        cout,
+        rows,
+        band.len,
+        dst,
+        1,
+        dst_rs as isize,
+        true,
+        g_img[band.q0..].as_ptr(),
+        1,
+        q as isize,
+        cols.as_ptr(),
+        cols_rs as isize,
+        1,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    );
 }
 
 /// The weight gradient's buffer, shared by threads that write disjoint column blocks.
@@ -636,42 +669,23 @@ fn grad_weight_by_positions(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) ->
                 let (img, b) = (job / bands, job % bands);
                 let q0 = b * nb;
                 let len = nb.min(q - q0);
-                let image = &x[img * cin * h * w..][..cin * h * w];
-                // A 1×1 stride-1 convolution reads its columns straight from the input
-                // (rows q apart); anything else copies them into an im2col band.
-                let (band, band_rs): (&[f32], usize) = if pointwise {
-                    (&image[q0..], q)
-                } else {
-                    let band = &mut cols[..kk * len];
-                    im2col(&geo, image, h, w, q0, len, band);
-                    (band, len)
+                let band = Band {
+                    input: &x[img * cin * h * w..][..cin * h * w],
+                    q0,
+                    len,
                 };
-                let lhs = &g[img * cout * q + q0..];
-                // SAFETY: acc is cout × kk; lhs rows are q apart with len values from q0;
-                // band holds kk rows of band_rs with len values each, read transposed.
+                // SAFETY: acc is cout × kk, owned by this chunk.
                 unsafe {
-                    gemm(
-                        cout,
-                        kk,
-                        len,
+                    accumulate_band(
+                        &geo,
+                        d,
+                        band,
+                        &g[img * cout * q..],
+                        &mut cols,
                         acc.as_mut_ptr(),
-                        1,
-                        kk as isize,
-                        true,
-                        lhs.as_ptr(),
-                        1,
-                        q as isize,
-                        band.as_ptr(),
-                        band_rs as isize,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        Parallelism::None,
-                    );
-                }
+                        kk,
+                    )
+                };
             }
             acc
         })

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
+use crate::conv::f32_slice;
 use crate::{Error, Result};
 
 /// SGD hyper-parameters other than the learning rate (which the schedule gives per step).
@@ -206,19 +207,7 @@ struct WeightPass {
     c: SgdCoeffs,
 }
 
-/// The values of a contiguous f32 CPU storage.
-fn host<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    match s {
-        candle_core::CpuStorage::F32(v) if l.is_contiguous() => {
-            Ok(&v[l.start_offset()..][..l.shape().elem_count()])
-        }
-        _ => candle_core::bail!("sgd: expected a contiguous f32 CPU tensor"),
-    }
-}
-
+/// The values of a contiguous f32 CPU storage, to update in place.
 fn host_mut<'a>(
     s: &'a mut candle_core::CpuStorage,
     l: &candle_core::Layout,
@@ -246,7 +235,7 @@ impl candle_core::InplaceOp3 for MomentumPass {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let (buf, g, w) = (host_mut(s1, l1)?, host(s2, l2)?, host(s3, l3)?);
+        let (buf, g, w) = (host_mut(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let c = self.c;
         buf.par_iter_mut()
             .zip(g.par_iter().zip(w.par_iter()))
@@ -277,7 +266,7 @@ impl candle_core::InplaceOp3 for WeightPass {
         l3: &candle_core::Layout,
     ) -> candle_core::Result<()> {
         use rayon::prelude::*;
-        let (w, g, buf) = (host_mut(s1, l1)?, host(s2, l2)?, host(s3, l3)?);
+        let (w, g, buf) = (host_mut(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let c = self.c;
         w.par_iter_mut()
             .zip(g.par_iter().zip(buf.par_iter()))
