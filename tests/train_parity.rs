@@ -127,6 +127,78 @@ fn check_deep(what: &str, ours: &Tensor, theirs32: &Tensor, theirs64: &Tensor) {
     );
 }
 
+/// Expected tensors of one run: its own dtype's, and torchvision's float64 ones.
+struct Refs<'a> {
+    expected: &'a dyn Fn(&str) -> Tensor,
+    ref64: &'a dyn Fn(&str) -> Tensor,
+    f64_run: bool,
+}
+
+/// The watched tensors before the first step (exactly the start) and their first gradients
+/// (deep ones in float32 against float64, see [`check_deep`]).
+fn check_watched(
+    name: &str,
+    t: &Trainer,
+    grads: &candle_core::backprop::GradStore,
+    watched: &[String],
+    refs: &Refs,
+) {
+    for w in watched {
+        let p = t.params().get(w).unwrap();
+        check(
+            &format!("{name} weight {w}"),
+            &p,
+            &(refs.expected)(&format!("step0.{w}")),
+            1e-7,
+        );
+        let g = grads
+            .get(&p)
+            .unwrap_or_else(|| panic!("{name}: no gradient for {w}"));
+        let k = format!("grad.{w}");
+        if is_deep(w) && !refs.f64_run {
+            check_deep(
+                &format!("{name} grad {w}"),
+                g,
+                &(refs.expected)(&k),
+                &(refs.ref64)(&k),
+            );
+        } else {
+            check(&format!("{name} grad {w}"), g, &(refs.expected)(&k), TOL);
+        }
+    }
+}
+
+/// `steps` SGD steps on the batch, each step's losses against torchvision's. In float32,
+/// rounding differences compound over the steps: losses after the first are compared to
+/// 1e-3. Returns that tolerance for later checks.
+fn check_steps(
+    name: &str,
+    t: &mut Trainer,
+    (images, targets): (&[image::RgbImage], &[Target]),
+    losses: &serde_json::Value,
+    steps: usize,
+    f64_run: bool,
+) -> f64 {
+    let later = if f64_run { TOL } else { 1e-3 };
+    for s in 0..steps {
+        let tol = if s == 0 { TOL } else { later };
+        let stats = t.step(images, targets).unwrap();
+        check_scalar(
+            &format!("{name} step {s} classification"),
+            stats.classification,
+            losses[s][0].as_f64().unwrap(),
+            tol,
+        );
+        check_scalar(
+            &format!("{name} step {s} box"),
+            stats.box_regression,
+            losses[s][1].as_f64().unwrap(),
+            tol,
+        );
+    }
+    later
+}
+
 fn model_parity(index: usize, dtype: DType) {
     let meta = meta();
     let m = &meta["models"][index];
@@ -240,47 +312,18 @@ fn model_parity(index: usize, dtype: DType) {
         TOL,
     );
     let grads = bl.losses.total().unwrap().backward().unwrap();
+    let refs = Refs {
+        expected: &expected,
+        ref64: &ref64,
+        f64_run,
+    };
     let watched: Vec<String> = serde_json::from_value(m["watched"].clone()).unwrap();
-    for w in &watched {
-        let p = t.params().get(w).unwrap();
-        check(
-            &format!("{name} weight {w}"),
-            &p,
-            &expected(&format!("step0.{w}")),
-            1e-7,
-        );
-        let g = grads
-            .get(&p)
-            .unwrap_or_else(|| panic!("{name}: no gradient for {w}"));
-        let k = format!("grad.{w}");
-        if is_deep(w) && !f64_run {
-            check_deep(&format!("{name} grad {w}"), g, &expected(&k), &ref64(&k));
-        } else {
-            check(&format!("{name} grad {w}"), g, &expected(&k), TOL);
-        }
-    }
+    check_watched(&name, &t, &grads, &watched, &refs);
     drop(bl);
 
-    // Three SGD steps (momentum, weight decay) on the same batch. In float32, rounding
-    // differences compound over the steps: later losses are compared to 1e-3.
+    // Three SGD steps (momentum, weight decay) on the same batch.
     let steps = meta["steps"].as_u64().unwrap() as usize;
-    let later = if f64_run { TOL } else { 1e-3 };
-    for s in 0..steps {
-        let tol = if s == 0 { TOL } else { later };
-        let stats = t.step(&images, &targets).unwrap();
-        check_scalar(
-            &format!("{name} step {s} classification"),
-            stats.classification,
-            losses[s][0].as_f64().unwrap(),
-            tol,
-        );
-        check_scalar(
-            &format!("{name} step {s} box"),
-            stats.box_regression,
-            losses[s][1].as_f64().unwrap(),
-            tol,
-        );
-    }
+    let later = check_steps(&name, &mut t, (&images, &targets), losses, steps, f64_run);
     let after = t.losses(&images, &targets).unwrap();
     check_scalar(
         &format!("{name} classification after {steps} steps"),
@@ -511,45 +554,17 @@ fn scratch_parity(dtype: DType) {
         TOL,
     );
     let grads = bl.losses.total().unwrap().backward().unwrap();
+    let refs = Refs {
+        expected: &expected,
+        ref64: &ref64,
+        f64_run,
+    };
     let watched: Vec<String> = serde_json::from_value(meta["watched"].clone()).unwrap();
-    for w in &watched {
-        let p = t.params().get(w).unwrap();
-        check(
-            &format!("{name} weight {w}"),
-            &p,
-            &expected(&format!("step0.{w}")),
-            1e-7,
-        );
-        let g = grads
-            .get(&p)
-            .unwrap_or_else(|| panic!("{name}: no gradient for {w}"));
-        let k = format!("grad.{w}");
-        if is_deep(w) && !f64_run {
-            check_deep(&format!("{name} grad {w}"), g, &expected(&k), &ref64(&k));
-        } else {
-            check(&format!("{name} grad {w}"), g, &expected(&k), TOL);
-        }
-    }
+    check_watched(&name, &t, &grads, &watched, &refs);
     drop(bl);
 
     let steps = meta["steps"].as_u64().unwrap() as usize;
-    let later = if f64_run { TOL } else { 1e-3 };
-    for s in 0..steps {
-        let tol = if s == 0 { TOL } else { later };
-        let stats = t.step(&images, &targets).unwrap();
-        check_scalar(
-            &format!("{name} step {s} classification"),
-            stats.classification,
-            losses[s][0].as_f64().unwrap(),
-            tol,
-        );
-        check_scalar(
-            &format!("{name} step {s} box"),
-            stats.box_regression,
-            losses[s][1].as_f64().unwrap(),
-            tol,
-        );
-    }
+    let later = check_steps(&name, &mut t, (&images, &targets), losses, steps, f64_run);
     // Running statistics after three training forwards (a forward without a step, as
     // `losses`, leaves them alone).
     let after = t.losses(&images, &targets).unwrap();
