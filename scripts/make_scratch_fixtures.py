@@ -26,18 +26,17 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
-from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import boxes as box_ops
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_train_fixtures import F32Transform, load_image, matched_idxs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"
@@ -74,42 +73,11 @@ RUNNING = [
 ]
 
 
-def load_image(path):
-    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255.0
-
-
 def build():
     """`retinanet_resnet50_fpn(weights=None, weights_backbone=None)` on a ResNet-18."""
     backbone = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
     backbone = _resnet_fpn_extractor(backbone, 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
     return RetinaNet(backbone, NUM_CLASSES, min_size=MIN_SIZE, max_size=MAX_SIZE)
-
-
-def matched_idxs(model, targets, anchors):
-    out = []
-    for a, t in zip(anchors, targets):
-        if t["boxes"].numel() == 0:
-            out.append(torch.full((a.shape[0],), -1, dtype=torch.int64))
-        else:
-            out.append(model.proposal_matcher(box_ops.box_iou(t["boxes"], a)))
-    return torch.stack(out)
-
-
-class F32Transform(nn.Module):
-    """Runs the (float32) transform and hands its output on as float64, so that a float64
-    model sees exactly the input and resized boxes of the float32 run."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, images, targets=None):
-        if targets is not None:
-            targets = [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets]
-        image_list, targets = self.inner([i.float() for i in images], targets)
-        if targets is not None:
-            targets = [{"boxes": t["boxes"].double(), "labels": t["labels"]} for t in targets]
-        return ImageList(image_list.tensors.double(), image_list.image_sizes), targets
 
 
 def run(model, images, targets, dtype):

@@ -131,9 +131,11 @@ class F32Transform(nn.Module):
         self.inner = inner
 
     def forward(self, images, targets=None):
-        targets = [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets]
+        if targets is not None:
+            targets = [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets]
         image_list, targets = self.inner([i.float() for i in images], targets)
-        targets = [{"boxes": t["boxes"].double(), "labels": t["labels"]} for t in targets]
+        if targets is not None:
+            targets = [{"boxes": t["boxes"].double(), "labels": t["labels"]} for t in targets]
         return ImageList(image_list.tensors.double(), image_list.image_sizes), targets
 
 
