@@ -8,7 +8,8 @@
 //! cargo run --release --example finetune -- ... --out runs/trees --resume    # continue the run
 //! ```
 //!
-//! Writes into `--out`: `metrics.jsonl` (one line per logged step and per validation),
+//! Writes into `--out`: `metrics.jsonl` (one line per logged step, naming the samples it
+//! trained on and which were flipped, and one per validation),
 //! `loss.png`, `last.safetensors` (checkpoint with optimiser state beside it, for `--resume`),
 //! `final.safetensors` (loads in `detect` unchanged) and `run.json` (the settings, which
 //! `--resume` checks). Every file is written atomically.
@@ -469,6 +470,7 @@ fn train_loop(
     while trainer.step_count() < stop {
         let started = Instant::now();
         let batch = batches.next().context("the loader stopped")??;
+        let (ids, flipped) = (batch.ids.clone(), batch.flipped.clone());
         let (images, targets) = to_train_batch(loader.dataset(), batch);
         let stats = trainer.step(&images, &targets)?;
         let done = trainer.step_count();
@@ -477,7 +479,11 @@ fn train_loop(
         bar.set_message(step_message(&stats, ips));
         if (done as u64).is_multiple_of(args.log_every) || done == stop {
             let seconds = started.elapsed().as_secs_f64();
-            metrics.push(step_record(&stats, done, bpe, ips, seconds));
+            let mut record = step_record(&stats, done, bpe, ips, seconds);
+            // What the step saw, so that a reference run can replay the same batches.
+            record["samples"] = json!(ids);
+            record["flipped"] = json!(flipped);
+            metrics.push(record);
         }
         let epoch_end = done.is_multiple_of(bpe);
         if epoch_end && done < trainer.config().schedule.total_steps {

@@ -15,6 +15,14 @@ fixture's random, batch-norm-calibrated backbone) with torchvision's fresh FPN a
     python scripts/finetune_torchvision.py --init init.safetensors --train TRAIN --val VAL \
         --tile 400 --overlap 64 --min-size 400 --max-size 400 --steps 300 --json out.json
 
+With `--from-scratch`, as torchvision without weights (and `finetune --from-scratch`): nn.BatchNorm2d
+in training mode and all 5 backbone stages train; `--save-init --from-scratch` (no
+`--backbone-from`) writes torchvision's own random initialisation, running statistics included,
+which `finetune --weights init.safetensors --batch-norm train --trainable-layers 5` loads.
+
+`--replay RUN/metrics.jsonl` takes each step's tiles and flips from a `finetune` run (its step
+records name them) instead of torch's generator, so that both runs see the same batches.
+
 Prints AP and AP50 on the validation set (pycocotools) and the mean seconds per step.
 """
 
@@ -43,9 +51,11 @@ PAPER_BATCH, PAPER_STEPS, PAPER_WARMUP = 16, 90_000, 500
 PAPER_MILESTONES = [60_000, 80_000]
 
 
-def build(depth, num_classes, min_size, max_size, trainable_layers):
-    """torchvision's retinanet_resnet50_fpn (v1) layout on a ResNet of `depth`."""
-    body = getattr(resnet, f"resnet{depth}")(norm_layer=misc_nn_ops.FrozenBatchNorm2d)
+def build(depth, num_classes, min_size, max_size, trainable_layers, scratch=False):
+    """torchvision's retinanet_resnet50_fpn (v1) layout on a ResNet of `depth`; from scratch
+    (as retinanet_resnet50_fpn without weights) with nn.BatchNorm2d instead of frozen BN."""
+    norm = torch.nn.BatchNorm2d if scratch else misc_nn_ops.FrozenBatchNorm2d
+    body = getattr(resnet, f"resnet{depth}")(norm_layer=norm)
     backbone = _resnet_fpn_extractor(
         body, trainable_layers, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
     )
@@ -57,12 +67,16 @@ def build(depth, num_classes, min_size, max_size, trainable_layers):
 
 def save_init(args):
     torch.manual_seed(args.seed)
-    model = build(args.depth, args.num_classes, args.min_size, args.max_size, 3)
+    model = build(args.depth, args.num_classes, args.min_size, args.max_size,
+                  args.trainable_layers, args.from_scratch)
     state = model.state_dict()
-    source = load_file(args.backbone_from)
-    for name in state:
-        if name.startswith("backbone.body."):
-            state[name] = source[name].to(state[name].dtype)
+    if args.backbone_from:
+        source = load_file(args.backbone_from)
+        for name in state:
+            if name.startswith("backbone.body."):
+                state[name] = source[name].to(state[name].dtype)
+    elif not args.from_scratch:
+        raise SystemExit("--save-init needs --backbone-from, or --from-scratch")
     save_file({k: v.contiguous() for k, v in state.items()}, args.save_init,
               metadata={"bn_eps": "1e-05", "class_names": json.dumps(["Tree"])})
     print(f"wrote {args.save_init}")
@@ -121,7 +135,8 @@ def crop_boxes(boxes, labels, x, y, w, h, min_visibility=0.5):
 
 
 def tiles(samples, size, overlap):
-    """Tiles as (image tensor, boxes, labels), images decoded once."""
+    """Tiles with boxes as (image tensor, boxes, labels), images decoded once; tiles without
+    boxes are left out, as `Dataset::tile` does by default."""
     out = []
     for path, (w, h), boxes, labels in samples:
         image = TF.to_tensor(Image.open(path).convert("RGB"))
@@ -129,7 +144,8 @@ def tiles(samples, size, overlap):
             for x in tile_starts(w, size, overlap):
                 tw, th = min(size, w), min(size, h)
                 b, l = crop_boxes(boxes, labels, x, y, tw, th)
-                out.append((image[:, y:y + th, x:x + tw], b, l))
+                if len(b):
+                    out.append((image[:, y:y + th, x:x + tw], b, l))
     return out
 
 
@@ -144,11 +160,29 @@ def lr_at(step, total, batch, base_lr):
     return base_lr * warm * 0.1 ** sum(step >= m for m in milestones)
 
 
-def batches(n, batch, gen):
+def batches(n, batch, gen, hflip):
+    """(sample ids, flips) of each step, drawn from torch's generator."""
     while True:
         order = torch.randperm(n, generator=gen).tolist()
         for i in range(0, n, batch):
-            yield order[i:i + batch]
+            ids = order[i:i + batch]
+            yield ids, [torch.rand(1, generator=gen).item() < hflip for _ in ids]
+
+
+def replayed(metrics, steps, n):
+    """(sample ids, flips) of each step of a `finetune` run, from its metrics.jsonl."""
+    records = {}
+    for line in Path(metrics).read_text().splitlines():
+        r = json.loads(line)
+        if "samples" in r:
+            records[r["step"]] = (r["samples"], r["flipped"])
+    missing = [s for s in range(1, steps + 1) if s not in records]
+    if missing:
+        raise SystemExit(f"{metrics}: no samples recorded for {len(missing)} steps "
+                         f"(first {missing[0]}); run finetune with --log-every 1")
+    if max(max(ids) for ids, _ in records.values()) >= n:
+        raise SystemExit(f"{metrics}: sample ids beyond this run's {n} tiles")
+    return (records[s] for s in range(1, steps + 1))
 
 
 def train(model, data, args):
@@ -156,16 +190,20 @@ def train(model, data, args):
     base_lr = args.lr if args.lr is not None else 0.01 * args.batch_size / PAPER_BATCH
     opt = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
-    stream = batches(len(data), args.batch_size, gen)
+    if args.replay:
+        stream = replayed(args.replay, args.steps, len(data))
+    else:
+        stream = batches(len(data), args.batch_size, gen, args.hflip)
     model.train()
     times, log = [], []
     for step in range(args.steps):
         t0 = time.perf_counter()
         images, targets = [], []
-        for i in next(stream):
+        ids, flips = next(stream)
+        for i, flip in zip(ids, flips):
             image, b, l = data[i]
             b = torch.from_numpy(b.copy())
-            if torch.rand(1, generator=gen).item() < args.hflip:
+            if flip:
                 image = image.flip(-1)
                 w = image.shape[-1]
                 b = torch.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], 1) if len(b) else b
@@ -237,18 +275,24 @@ def main():
     p.add_argument("--lr", type=float)
     p.add_argument("--hflip", type=float, default=0.5)
     p.add_argument("--clip-grad-norm", type=float)
-    p.add_argument("--trainable-layers", type=int, default=3)
+    p.add_argument("--trainable-layers", type=int, help="default 3; 5 with --from-scratch")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="nn.BatchNorm2d in training mode (as torchvision without weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--replay", help="a finetune run's metrics.jsonl: train on its batches and flips")
     p.add_argument("--json")
     args = p.parse_args()
+    if args.trainable_layers is None:
+        args.trainable_layers = 5 if args.from_scratch else 3
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     if args.save_init:
         return save_init(args)
 
     torch.manual_seed(args.seed)
-    model = build(args.depth, args.num_classes, args.min_size, args.max_size, args.trainable_layers)
+    model = build(args.depth, args.num_classes, args.min_size, args.max_size,
+                  args.trainable_layers, args.from_scratch)
     model.load_state_dict(load_file(args.init))
     classes = ["Tree"]
     data = tiles(load_voc(args.train, classes), args.tile, args.overlap)

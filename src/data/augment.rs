@@ -125,6 +125,8 @@ pub struct Augmented {
     pub min_size: Option<usize>,
     /// Boxes the crop cut and dropped for being less than `min_visibility` inside.
     pub dropped: usize,
+    /// Whether the image was flipped horizontally.
+    pub flipped: bool,
 }
 
 /// Applies `config` to one sample: crop, then flip, then the size choice.
@@ -151,7 +153,8 @@ pub fn augment(
             (boxes, labels, dropped) = crop_boxes(&boxes, &labels, window, crop.min_visibility);
         }
     }
-    if config.hflip > 0.0 && rng.uniform() < config.hflip {
+    let flipped = config.hflip > 0.0 && rng.uniform() < config.hflip;
+    if flipped {
         image::imageops::flip_horizontal_in_place(&mut image);
         let w = image.width() as f32;
         for b in &mut boxes {
@@ -166,6 +169,7 @@ pub fn augment(
         labels,
         min_size,
         dropped,
+        flipped,
     }
 }
 

@@ -10,7 +10,7 @@ use std::thread::JoinHandle;
 use image::RgbImage;
 use rayon::prelude::*;
 
-use super::{augment, decode_rgb, AugmentConfig, DataError, Dataset, Result, Rng};
+use super::{augment, decode_rgb, AugmentConfig, Augmented, DataError, Dataset, Result, Rng};
 
 /// Settings of a [`Loader`].
 #[derive(Debug, Clone, PartialEq)]
@@ -83,6 +83,8 @@ pub struct Batch {
     pub min_sizes: Vec<Option<usize>>,
     /// Boxes dropped by random crops in this batch.
     pub dropped_boxes: usize,
+    /// Whether each image was flipped horizontally.
+    pub flipped: Vec<bool>,
     /// The epoch the batch belongs to.
     pub epoch: usize,
 }
@@ -159,7 +161,7 @@ impl Loader {
     /// Decodes and augments the samples `ids` in parallel as batch of `epoch`. The result
     /// depends only on the seed, the epoch and the ids.
     pub fn load_batch(&self, epoch: usize, ids: &[usize]) -> Result<Batch> {
-        let items: Vec<(RgbImage, Target, Option<usize>, usize)> = ids
+        let items: Vec<Augmented> = ids
             .par_iter()
             .map(|&id| self.load_item(epoch, id))
             .collect::<Vec<_>>()
@@ -171,22 +173,23 @@ impl Loader {
             ids: ids.to_vec(),
             min_sizes: Vec::with_capacity(ids.len()),
             dropped_boxes: 0,
+            flipped: Vec::with_capacity(ids.len()),
             epoch,
         };
-        for (image, target, min_size, dropped) in items {
-            batch.images.push(image);
-            batch.targets.push(target);
-            batch.min_sizes.push(min_size);
-            batch.dropped_boxes += dropped;
+        for item in items {
+            batch.images.push(item.image);
+            batch.targets.push(Target {
+                boxes: item.boxes,
+                labels: item.labels,
+            });
+            batch.min_sizes.push(item.min_size);
+            batch.dropped_boxes += item.dropped;
+            batch.flipped.push(item.flipped);
         }
         Ok(batch)
     }
 
-    fn load_item(
-        &self,
-        epoch: usize,
-        id: usize,
-    ) -> Result<(RgbImage, Target, Option<usize>, usize)> {
+    fn load_item(&self, epoch: usize, id: usize) -> Result<Augmented> {
         let sample = self.dataset.samples.get(id).ok_or_else(|| {
             DataError::Invalid(format!(
                 "sample {id} out of range ({} samples)",
@@ -199,18 +202,13 @@ impl Loader {
             sample.load_image()?
         };
         let mut rng = Rng::derive(self.config.seed, epoch as u64, id as u64);
-        let out = augment(
+        Ok(augment(
             image,
             &sample.boxes,
             &sample.labels,
             &self.config.augment,
             &mut rng,
-        );
-        let target = Target {
-            boxes: out.boxes,
-            labels: out.labels,
-        };
-        Ok((out.image, target, out.min_size, out.dropped))
+        ))
     }
 
     fn cached(&self, path: &PathBuf) -> Result<Arc<RgbImage>> {
