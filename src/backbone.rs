@@ -190,10 +190,19 @@ impl ConvBn {
         // The norm's evaluation form folds into the convolution, its scale into the kernel
         // (still differentiable in the weights) and its shift into a constant bias.
         let (scale, shift) = bn.scale_shift()?;
-        let cout = scale.elem_count();
-        let w = c.weight().broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
-        let shift = TrainBias::Constant(&shift);
-        conv2d_train_fused(x, &w, cfg.stride, cfg.padding, shift, residual, relu)
+        let (s, p) = (cfg.stride, cfg.padding);
+        if scale.track_op() {
+            // A trainable norm in evaluation mode: the scale needs its gradient too.
+            let cout = scale.elem_count();
+            let w = c.weight().broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?;
+            let shift = TrainBias::Constant(&shift);
+            return conv2d_train_fused(x, &w, s, p, shift, residual, relu);
+        }
+        let norm = TrainBias::FrozenNorm {
+            scale: &scale,
+            shift: &shift,
+        };
+        conv2d_train_fused(x, c.weight(), s, p, norm, residual, relu)
     }
 
     /// Applies the statistics of the last training forward to a trained norm's running

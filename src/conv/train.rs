@@ -25,6 +25,16 @@ pub enum TrainBias<'a> {
     Constant(&'a Tensor),
     /// A bias `(cout,)` that gets a gradient when it is a variable.
     Learned(&'a Tensor),
+    /// A frozen batch norm folded in: the kernel scaled per output channel by the constant
+    /// `scale` and the constant `shift` added, as `conv(x, w · scale) + shift`. The weight's
+    /// gradient is the folded kernel's times `scale`, as Candle's `broadcast_mul` gives it,
+    /// but without a separate scaled copy and its backward pass every step.
+    FrozenNorm {
+        /// Per-output-channel scale, `cout` values in any shape.
+        scale: &'a Tensor,
+        /// Per-output-channel shift, `cout` values in any shape.
+        shift: &'a Tensor,
+    },
 }
 
 /// The algorithm of the stride-1 3×3 forward products in training (and of frozen layers).
@@ -74,6 +84,8 @@ pub fn conv2d_train_fused(
 /// Build it again after the weights change.
 pub struct TrainConv2d {
     weight: Tensor,
+    /// The kernel with a frozen norm's scale folded in, and that scale.
+    folded: Option<(Vec<f32>, Vec<f32>)>,
     /// A learned bias, passed to the op so that it receives a gradient.
     learned_bias: Option<Tensor>,
     geo: Geometry,
@@ -107,21 +119,29 @@ impl TrainConv2d {
         }
         let geo = Geometry { k, stride, padding };
         let weight = weight.contiguous()?;
-        let forward = with_host(&weight, |w| {
-            fused(
-                w,
-                (cout, cin, k),
-                constant(bias, cout)?,
-                geo,
-                TRAIN_ALGORITHM,
-            )
-        })??;
+        let folded = match bias {
+            TrainBias::FrozenNorm { scale, .. } => {
+                let scale = channel_values(scale, cout)?;
+                let w = with_host(&weight, |w| scale_rows(w, &scale))?;
+                Some((w, scale))
+            }
+            _ => None,
+        };
+        let pack = |w: &[f32]| {
+            let bias = constant(bias, cout)?;
+            fused(w, (cout, cin, k), bias, geo, TRAIN_ALGORITHM)
+        };
+        let forward = match &folded {
+            Some((w, _)) => pack(w)?,
+            None => with_host(&weight, pack)??,
+        };
         let learned_bias = match bias {
             TrainBias::Learned(b) => Some(b.contiguous()?),
             _ => None,
         };
         Ok(Some(Arc::new(Self {
             weight,
+            folded,
             learned_bias,
             geo,
             forward,
@@ -164,7 +184,7 @@ impl TrainConv2d {
         let (cout, cin, k, _) = self.weight.dims4()?;
         let kk = k * k;
         let mut flipped = vec![0f32; cout * cin * kk];
-        with_host(&self.weight, |w| {
+        self.with_kernel(|w| {
             flipped
                 .par_chunks_mut(cout * kk)
                 .enumerate()
@@ -190,18 +210,48 @@ impl TrainConv2d {
         )?;
         Ok(self.flipped.get_or_init(|| conv))
     }
+
+    /// Runs `f` on the kernel the forward uses (a frozen norm's scale folded in).
+    fn with_kernel<R>(&self, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        match &self.folded {
+            Some((w, _)) => Ok(f(w)),
+            None => with_host(&self.weight, f),
+        }
+    }
+}
+
+/// `cout` per-channel values of a tensor of any shape.
+fn channel_values(t: &Tensor, cout: usize) -> Result<Vec<f32>> {
+    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if v.len() != cout {
+        candle_core::bail!(
+            "conv bias or scale has {} values for {cout} channels",
+            v.len()
+        );
+    }
+    Ok(v)
+}
+
+/// Rows of a `(cout, …)` array times a per-row factor.
+fn scale_rows(w: &[f32], scale: &[f32]) -> Vec<f32> {
+    let mut out = w.to_vec();
+    scale_rows_in_place(&mut out, scale);
+    out
+}
+
+fn scale_rows_in_place(w: &mut [f32], scale: &[f32]) {
+    let row = w.len() / scale.len();
+    w.par_chunks_mut(row)
+        .zip(scale.par_iter())
+        .for_each(|(r, &s)| r.iter_mut().for_each(|v| *v *= s));
 }
 
 /// The values of a bias (zeros when absent).
 fn constant(bias: TrainBias, cout: usize) -> Result<Vec<f32>> {
     match bias {
         TrainBias::None => Ok(vec![0.0; cout]),
-        TrainBias::Constant(b) | TrainBias::Learned(b) => {
-            let v = b.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            if v.len() != cout {
-                candle_core::bail!("conv bias has {} values for {cout} channels", v.len());
-            }
-            Ok(v)
+        TrainBias::Constant(b) | TrainBias::Learned(b) | TrainBias::FrozenNorm { shift: b, .. } => {
+            channel_values(b, cout)
         }
     }
 }
@@ -221,21 +271,28 @@ fn candle_conv(
     relu: bool,
 ) -> Result<Tensor> {
     let (_, _, h, wd) = x.dims4()?;
-    let k = w.dim(2)?;
+    let (cout, _, k, _) = w.dims4()?;
+    let (w, bias) = match bias {
+        TrainBias::FrozenNorm { scale, shift } => (
+            w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?,
+            TrainBias::Constant(shift),
+        ),
+        _ => (w.clone(), bias),
+    };
     let span = |i: usize| (i + 2 * padding).checked_sub(k);
     let y = match (span(h), span(wd)) {
         (Some(sh), Some(sw)) if stride > 1 && w.track_op() && sh % stride != sw % stride => {
-            let dense = x.conv2d(w, padding, 1, 1, 1)?;
+            let dense = x.conv2d(&w, padding, 1, 1, 1)?;
             let pick = |n: usize| Tensor::arange_step(0u32, n as u32, stride as u32, x.device());
             dense
                 .index_select(&pick(sh + 1)?, 2)?
                 .index_select(&pick(sw + 1)?, 3)?
         }
-        _ => x.conv2d(w, padding, stride, 1, 1)?,
+        _ => x.conv2d(&w, padding, stride, 1, 1)?,
     };
     let y = match bias {
         TrainBias::None => y,
-        TrainBias::Constant(b) | TrainBias::Learned(b) => {
+        TrainBias::Constant(b) | TrainBias::Learned(b) | TrainBias::FrozenNorm { shift: b, .. } => {
             y.broadcast_add(&b.reshape((1, (), 1, 1))?)?
         }
     };
@@ -325,11 +382,16 @@ impl TrainConv {
             let gx = self.conv.flipped()?.run_batch(&g, n, hd, wdd);
             Some(Tensor::from_vec(gx, (n, cin, h, wd), dev)?)
         } else {
-            let gx = with_host(w, |wv| grad_input_strided(&g, wv, geo, dims))?;
+            let gx = self
+                .conv
+                .with_kernel(|wv| grad_input_strided(&g, wv, geo, dims))?;
             Some(Tensor::from_vec(gx, (n, cin, h, wd), dev)?)
         };
         let gw = if w.track_op() {
-            let gw = with_host(x, |xv| grad_weight(&g, xv, geo, dims))?;
+            let mut gw = with_host(x, |xv| grad_weight(&g, xv, geo, dims))?;
+            if let Some((_, scale)) = &self.conv.folded {
+                scale_rows_in_place(&mut gw, scale);
+            }
             Some(Tensor::from_vec(gw, (cout, cin, k, k), dev)?)
         } else {
             None
@@ -823,6 +885,49 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn frozen_norm_folded_matches_scaled_weight() {
+        let dev = Device::Cpu;
+        // Stride 1 (flipped-kernel input gradient) and 2 (scattered columns), with residual.
+        for (cin, cout, k, s, p, res) in [(6, 10, 3, 1, 1, true), (8, 12, 3, 2, 1, false)] {
+            let x = Var::randn(0f32, 1.0, (2, cin, 11, 9), &dev).unwrap();
+            let wt = Var::randn(0f32, 0.2, (cout, cin, k, k), &dev).unwrap();
+            let scale = Tensor::rand(0.5f32, 2.0, (1, cout, 1, 1), &dev).unwrap();
+            let shift = Tensor::randn(0f32, 1.0, (1, cout, 1, 1), &dev).unwrap();
+            let (ho, wo) = ((11 + 2 * p - k) / s + 1, (9 + 2 * p - k) / s + 1);
+            let r = Tensor::randn(0f32, 1.0, (2, cout, ho, wo), &dev).unwrap();
+            let r = res.then_some(&r);
+            let norm = TrainBias::FrozenNorm {
+                scale: &scale,
+                shift: &shift,
+            };
+            let ours =
+                conv2d_train_fused(x.as_tensor(), wt.as_tensor(), s, p, norm, r, true).unwrap();
+            let scaled = wt
+                .as_tensor()
+                .broadcast_mul(&scale.reshape((cout, 1, 1, 1)).unwrap())
+                .unwrap();
+            let shift_bias = TrainBias::Constant(&shift);
+            let theirs =
+                conv2d_train_fused(x.as_tensor(), &scaled, s, p, shift_bias, r, true).unwrap();
+            assert!(max_abs(&(&ours - &theirs).unwrap()) < 1e-6);
+            let m = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
+            let lo = (ours * &m).unwrap().sum_all().unwrap().backward().unwrap();
+            let lt = (theirs * &m)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &wt] {
+                let (a, t) = (lo.get(v).expect("gradient"), lt.get(v).unwrap());
+                let rel = max_abs(&(a - t).unwrap()) / max_abs(t);
+                assert!(rel < 1e-6, "s{s} grad {:?}: rel err {rel}", v.dims());
+            }
+            assert!(lo.get(&scale).is_none() && lo.get(&shift).is_none());
         }
     }
 
