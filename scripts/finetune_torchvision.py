@@ -135,8 +135,8 @@ def crop_boxes(boxes, labels, x, y, w, h, min_visibility=0.5):
 
 
 def tiles(samples, size, overlap):
-    """Tiles with boxes as (image tensor, boxes, labels), images decoded once; tiles without
-    boxes are left out, as `Dataset::tile` does by default."""
+    """Tiles as (image tensor, boxes, labels), images decoded once; tiles without boxes stay
+    (background-only samples), as `Dataset::tile` keeps them by default."""
     out = []
     for path, (w, h), boxes, labels in samples:
         image = TF.to_tensor(Image.open(path).convert("RGB"))
@@ -144,8 +144,7 @@ def tiles(samples, size, overlap):
             for x in tile_starts(w, size, overlap):
                 tw, th = min(size, w), min(size, h)
                 b, l = crop_boxes(boxes, labels, x, y, tw, th)
-                if len(b):
-                    out.append((image[:, y:y + th, x:x + tw], b, l))
+                out.append((image[:, y:y + th, x:x + tw], b, l))
     return out
 
 
