@@ -11,14 +11,14 @@
 //! Writes into `--out`: `metrics.jsonl` (one line per logged step, naming the samples it
 //! trained on and which were flipped, and one per validation),
 //! `loss.png`, `last.safetensors` (checkpoint with optimiser state beside it, for `--resume`),
-//! `final.safetensors` (loads in `detect` unchanged) and `run.json` (the settings, which
-//! `--resume` checks). Every file is written atomically.
+//! `final.safetensors` (loads in `detect` unchanged; with `--f16` also `final.f16.safetensors`)
+//! and `run.json` (the settings, which `--resume` checks). Every file is written atomically.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{DType, Device};
 use clap::{Parser, ValueEnum};
 use image::ImageEncoder as _;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -124,6 +124,10 @@ struct Args {
     /// Stop (with a checkpoint) after this many steps of the run; continue with --resume.
     #[arg(long)]
     stop_after: Option<usize>,
+    /// Also write the final model in half precision, `final.f16.safetensors` (half the size,
+    /// for shipping; `detect` loads it as it loads the f32 file).
+    #[arg(long)]
+    f16: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -198,6 +202,12 @@ fn run(args: Args) -> Result<()> {
     let (mut trainer, run_config) = make_trainer(&args, &loader, num_classes, schedule, &device)?;
     if trainer.step_count() >= steps && args.out.join("final.safetensors").exists() {
         eprintln!("{}: the run is complete", args.out.display());
+        if args.f16 {
+            // The last checkpoint of a complete run is the final model.
+            let path = args.out.join("final.f16.safetensors");
+            trainer.export(&path, DType::F16)?;
+            eprintln!("wrote {}", path.display());
+        }
         return Ok(());
     }
     let mut metrics = Metrics::open(&args.out, args.resume, trainer.step_count())?;
@@ -513,6 +523,9 @@ fn finish(
     let steps = run_config.steps;
     let final_path = args.out.join("final.safetensors");
     trainer.save(&final_path)?;
+    if args.f16 {
+        trainer.export(args.out.join("final.f16.safetensors"), DType::F16)?;
+    }
     if let Some(val) = val {
         let bpe = run_config.train_samples.div_ceil(args.batch_size);
         let record = validate(args, trainer.model(), val, steps, bpe)?;

@@ -122,6 +122,43 @@ fn overfits_a_few_images_then_detects_their_boxes() {
             .count();
         assert_eq!(spurious, 0, "{}: {d:?}", target.id);
     }
+
+    // Exported in f16 (the shipping form), the model loads as an ordinary checkpoint, half
+    // the size, and finds the same confident boxes.
+    let dir = tmp_dir("export");
+    let (f32_path, f16_path) = (
+        dir.join("model.safetensors"),
+        dir.join("model.f16.safetensors"),
+    );
+    t.export(&f32_path, candle_core::DType::F32).unwrap();
+    t.export(&f16_path, candle_core::DType::F16).unwrap();
+    let size = |p: &PathBuf| std::fs::metadata(p).unwrap().len() as f64;
+    let ratio = size(&f16_path) / size(&f32_path);
+    assert!(
+        (0.45..0.55).contains(&ratio),
+        "f16 file is {ratio} of the f32 one"
+    );
+    let mut half = RetinaNet::load(&f16_path, &Device::Cpu).unwrap();
+    assert_eq!(half.config(), model.config());
+    half.transform.min_size = 64;
+    half.transform.max_size = 96;
+    let half_dets = half.detect_batch(&images).unwrap();
+    for (full, half) in dets.iter().zip(&half_dets) {
+        let confident = |d: &[retinanet::Detection]| {
+            d.iter()
+                .filter(|x| x.score > 0.5)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let (full, half) = (confident(full), confident(half));
+        assert_eq!(full.len(), half.len(), "{full:?} vs {half:?}");
+        for (a, b) in full.iter().zip(&half) {
+            assert_eq!(a.label, b.label);
+            assert!((a.score - b.score).abs() < 0.01, "{a:?} vs {b:?}");
+            assert!(iou(a.bbox, b.bbox) > 0.98, "{a:?} vs {b:?}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 fn trained_tensors(t: &Trainer) -> Vec<(String, Tensor)> {

@@ -25,13 +25,24 @@ pub fn write_safetensors(
     tensors: &BTreeMap<String, Tensor>,
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    write_safetensors_as(path, tensors, metadata, DType::F32)
+}
+
+/// As [`write_safetensors`], with the tensors converted to `dtype` (f16 halves a model for
+/// shipping; the loader converts back to f32).
+pub fn write_safetensors_as(
+    path: &Path,
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+    dtype: DType,
+) -> Result<()> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
     };
     let host = tensors
         .iter()
-        .map(|(n, t)| Ok((n.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+        .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
         .collect::<Result<Vec<_>>>()?;
     let bytes =
         safetensors::serialize(host.iter().map(|(n, t)| (n, t)), Some(metadata)).map_err(|e| {

@@ -27,7 +27,7 @@ use candle_core::{DType, Device};
 use image::RgbImage;
 
 use super::assign::{resize_boxes, Matcher};
-use super::io::{optim_path, read_safetensors, step_of, write_safetensors};
+use super::io::{optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as};
 use super::loss::{retinanet_losses, LossConfig, LossTargets, Losses};
 use super::optim::{clip_grad_norm, LrSchedule, Sgd, SgdConfig};
 use super::params::{
@@ -370,14 +370,29 @@ impl Trainer {
         let path = path.as_ref();
         let step = self.step.to_string();
         let mut ometa = HashMap::new();
-        ometa.insert("step".to_string(), step.clone());
+        ometa.insert("step".to_string(), step);
         ometa.insert(
             "sgd".to_string(),
             serde_json::to_string(&self.sgd.config()).unwrap_or_default(),
         );
         write_safetensors(&optim_path(path), self.sgd.buffers(), ometa)?;
+        write_safetensors(path, &self.params.tensors(), self.model_metadata())?;
+        self.last_checkpoint = Some(path.to_path_buf());
+        Ok(())
+    }
+
+    /// Writes the model alone (no optimiser state) in `dtype`, atomically: with f16, a file
+    /// half the size for shipping, which [`crate::RetinaNet::load`] and `detect` read as they
+    /// read the f32 checkpoint.
+    pub fn export(&self, path: impl AsRef<Path>, dtype: DType) -> Result<()> {
+        let tensors = self.params.tensors();
+        write_safetensors_as(path.as_ref(), &tensors, self.model_metadata(), dtype)
+    }
+
+    /// The model file's metadata: step, batch-norm eps and class names.
+    fn model_metadata(&self) -> HashMap<String, String> {
         let mut meta = HashMap::new();
-        meta.insert("step".to_string(), step);
+        meta.insert("step".to_string(), self.step.to_string());
         meta.insert(
             "bn_eps".to_string(),
             format!("{:e}", self.model_config.bn_eps),
@@ -388,9 +403,7 @@ impl Trainer {
                 serde_json::to_string(names).unwrap_or_default(),
             );
         }
-        write_safetensors(path, &self.params.tensors(), meta)?;
-        self.last_checkpoint = Some(path.to_path_buf());
-        Ok(())
+        meta
     }
 }
 
