@@ -65,12 +65,13 @@ struct Args {
     /// Detections kept per image (per tile with --tile).
     #[arg(long, default_value_t = 300)]
     max_detections: usize,
-    /// Short side after resizing.
-    #[arg(long, default_value_t = 800)]
-    min_size: usize,
-    /// Upper bound on the long side after resizing.
-    #[arg(long, default_value_t = 1333)]
-    max_size: usize,
+    /// Short side after resizing (default: the size a fine-tuned checkpoint trained at, from
+    /// its metadata, else 800).
+    #[arg(long)]
+    min_size: Option<usize>,
+    /// Upper bound on the long side after resizing (default: from the checkpoint, else 1333).
+    #[arg(long)]
+    max_size: Option<usize>,
     /// Frozen batch-norm eps (default: from the checkpoint; 0 for v1, 1e-5 for v2).
     #[arg(long)]
     bn_eps: Option<f64>,
@@ -400,12 +401,27 @@ fn select_device(arg: DeviceArg) -> Result<Device> {
     retinanet::device::select(choice).with_context(|| flag)
 }
 
+/// The input size: the flags, else what a checkpoint trained at, else torchvision's 800/1333.
+fn input_size(args: &Args) -> Result<(usize, usize)> {
+    let trained = match &args.weights {
+        Some(path) if args.min_size.is_none() || args.max_size.is_none() => {
+            retinanet::Checkpoint::open(path)
+                .and_then(|c| c.input_size())
+                .with_context(|| format!("cannot load weights {}", path.display()))?
+        }
+        _ => None,
+    };
+    let (min, max) = trained.unwrap_or((800, 1333));
+    Ok((args.min_size.unwrap_or(min), args.max_size.unwrap_or(max)))
+}
+
 fn load_model(args: &Args, device: &Device) -> Result<RetinaNet> {
+    let (min_size, max_size) = input_size(args)?;
     let opts = LoadOptions {
         bn_eps: args.bn_eps,
         transform: TransformConfig {
-            min_size: args.min_size,
-            max_size: args.max_size,
+            min_size,
+            max_size,
             ..Default::default()
         },
         postprocess: PostProcessConfig {

@@ -538,12 +538,10 @@ fn finish(
         .tile
         .map(|t| format!(" --tile {t} --overlap {}", args.overlap))
         .unwrap_or_default();
+    // The file's metadata carries the input size, which detect uses by default.
     eprintln!(
-        "wrote {0}; detect with: cargo run --release --example detect -- --weights {0} \
-         --min-size {1} --max-size {2}{tile} IMAGE",
-        final_path.display(),
-        args.min_size,
-        args.max_size
+        "wrote {0}; detect with: cargo run --release --example detect -- --weights {0}{tile} IMAGE",
+        final_path.display()
     );
     Ok(())
 }

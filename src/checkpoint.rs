@@ -184,6 +184,26 @@ impl Checkpoint {
         }
     }
 
+    /// The input size the model was trained at, `(min_size, max_size)` from the metadata keys
+    /// `min_size` and `max_size` (written by [`crate::train::Trainer`]), if both are present.
+    pub fn input_size(&self) -> Result<Option<(usize, usize)>> {
+        let get = |key: &str| -> Result<Option<usize>> {
+            match self.metadata().get(key) {
+                None => Ok(None),
+                Some(s) => s.trim().parse().map(Some).map_err(|_| {
+                    self.err(format!("metadata `{key}` is not a positive integer: {s:?}"))
+                }),
+            }
+        };
+        match (get("min_size")?, get("max_size")?) {
+            (Some(min), Some(max)) if min > 0 && max >= min => Ok(Some((min, max))),
+            (None, None) => Ok(None),
+            (min, max) => Err(self.err(format!(
+                "metadata `min_size` {min:?} and `max_size` {max:?} do not make an input size"
+            ))),
+        }
+    }
+
     fn err(&self, message: String) -> Error {
         Error::Checkpoint {
             path: self.inner.path.clone(),
@@ -469,7 +489,44 @@ fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::canonical_name;
+    use super::{canonical_name, Checkpoint};
+    use std::collections::HashMap;
+
+    /// A one-tensor safetensors file with `metadata`, opened.
+    fn with_metadata(name: &str, metadata: &[(&str, &str)]) -> (Checkpoint, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("retinanet-ckpt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}.safetensors"));
+        let t = candle_core::Tensor::zeros(2, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+        let meta: HashMap<String, String> = metadata
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let bytes = safetensors::serialize([("x", &t)], Some(meta)).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        (Checkpoint::open(&path).unwrap(), path)
+    }
+
+    #[test]
+    fn input_size_from_metadata() {
+        let (c, _) = with_metadata("sized", &[("min_size", "400"), ("max_size", "400")]);
+        assert_eq!(c.input_size().unwrap(), Some((400, 400)));
+        let (c, _) = with_metadata("unsized", &[("bn_eps", "1e-5")]);
+        assert_eq!(c.input_size().unwrap(), None);
+        for (name, meta) in [
+            ("half", [("min_size", "400"), ("bn_eps", "0")]),
+            ("text", [("min_size", "big"), ("max_size", "400")]),
+            ("inverted", [("min_size", "800"), ("max_size", "400")]),
+        ] {
+            let (c, path) = with_metadata(name, &meta);
+            let e = c.input_size().unwrap_err().to_string();
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains("min_size"),
+                "{name}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn old_layouts_map_to_current_names() {

@@ -138,6 +138,9 @@ fn overfits_a_few_images_then_detects_their_boxes() {
         (0.45..0.55).contains(&ratio),
         "f16 file is {ratio} of the f32 one"
     );
+    // The metadata carries the input size it trained at (detect's default).
+    let ckpt = retinanet::Checkpoint::open(&f16_path).unwrap();
+    assert_eq!(ckpt.input_size().unwrap(), Some((64, 96)));
     let mut half = RetinaNet::load(&f16_path, &Device::Cpu).unwrap();
     assert_eq!(half.config(), model.config());
     half.transform.min_size = 64;

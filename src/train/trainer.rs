@@ -389,10 +389,14 @@ impl Trainer {
         write_safetensors_as(path.as_ref(), &tensors, self.model_metadata(), dtype)
     }
 
-    /// The model file's metadata: step, batch-norm eps and class names.
+    /// The model file's metadata: step, batch-norm eps, class names and the input size it
+    /// trains at (which `detect` then uses by default).
     fn model_metadata(&self) -> HashMap<String, String> {
         let mut meta = HashMap::new();
         meta.insert("step".to_string(), self.step.to_string());
+        let transform = &self.model.transform;
+        meta.insert("min_size".to_string(), transform.min_size.to_string());
+        meta.insert("max_size".to_string(), transform.max_size.to_string());
         meta.insert(
             "bn_eps".to_string(),
             format!("{:e}", self.model_config.bn_eps),
