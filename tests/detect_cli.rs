@@ -617,7 +617,8 @@ fn bundled_tree_model_detects_trees_offline() {
         "missing test data {}: this test reads ../shared/data beside the repository",
         val.display()
     );
-    let image = val.join("OSBS_029.png");
+    // The bundled copy of the held-out image, as the README's command uses it.
+    let image = root.join("assets/images/OSBS_029.png");
     let (out, json) = (tmp("trees-annotated"), tmp("trees.json"));
     let status = Command::new(detect_bin())
         .env("HF_HUB_OFFLINE", "1")
