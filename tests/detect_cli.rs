@@ -86,12 +86,7 @@ fn json_lists_images_in_order_and_matches_the_library() {
                 d["class"].is_null(),
                 "no names for a 7-class model without metadata"
             );
-            let b: Vec<f64> = d["box"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .collect();
+            let b: Vec<f64> = numbers(&d["box"]);
             assert_eq!(b.len(), 4);
             assert!(b[0] >= 0.0 && b[2] <= img.width() as f64 && b[0] <= b[2] && b[1] <= b[3]);
         }
@@ -152,6 +147,15 @@ fn folder_with(name: &str, files: &[(&str, &str)]) -> PathBuf {
         std::fs::copy(photos().join(photo), dir.join(as_name)).unwrap();
     }
     dir
+}
+
+/// The numbers of a JSON array (a box).
+fn numbers(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
 }
 
 fn json_file(path: &std::path::Path) -> serde_json::Value {
@@ -252,18 +256,8 @@ fn folders_globs_annotations_and_coco_results() {
     assert_eq!(c["image_id"], 42);
     assert_eq!(c["category_id"], first["label"]);
     assert_eq!(c["score"], first["score"]);
-    let b: Vec<f64> = first["box"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    let bb: Vec<f64> = c["bbox"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let b: Vec<f64> = numbers(&first["box"]);
+    let bb: Vec<f64> = numbers(&c["bbox"]);
     assert_eq!(bb[0], b[0]);
     assert_eq!(bb[1], b[1]);
     assert!((bb[2] - (b[2] - b[0])).abs() < 1e-3 && (bb[3] - (b[3] - b[1])).abs() < 1e-3);
@@ -654,12 +648,7 @@ fn bundled_tree_model_detects_trees_offline() {
     let found: Vec<_> = dets
         .iter()
         .map(|d| {
-            let b: Vec<f64> = d["box"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap())
-                .collect();
+            let b: Vec<f64> = numbers(&d["box"]);
             let score = d["score"].as_f64().unwrap();
             retinanet::eval::Detection::new(0, 0, xywh([b[0], b[1], b[2], b[3]]), score)
         })

@@ -765,6 +765,7 @@ const GRAD_CHUNKS: usize = 8;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::backprop::GradStore;
     use candle_core::{Device, Var};
 
     fn max_abs(t: &Tensor) -> f32 {
@@ -806,6 +807,14 @@ mod tests {
         } else {
             y
         }
+    }
+
+    /// Gradients of `Σ m·a` and `Σ m·b` for one random `m`: position-dependent weights, so
+    /// that gradients are not uniform.
+    fn weighted_sum_grads(a: &Tensor, b: &Tensor) -> (GradStore, GradStore) {
+        let m = Tensor::randn(0f32, 1.0, a.dims(), a.device()).unwrap();
+        let grads = |t: &Tensor| (t * &m).unwrap().sum_all().unwrap().backward().unwrap();
+        (grads(a), grads(b))
     }
 
     #[test]
@@ -861,15 +870,7 @@ mod tests {
                 } else {
                     theirs
                 };
-                // A loss with position-dependent weights, so gradients are not uniform.
-                let m = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
-                let lo = (ours * &m).unwrap().sum_all().unwrap().backward().unwrap();
-                let lt = (theirs * &m)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let (lo, lt) = weighted_sum_grads(&ours, &theirs);
                 let mut checked = vec![&x, &wt];
                 checked.extend(bias.then_some(&b));
                 checked.extend(res.then_some(&r));
@@ -914,14 +915,7 @@ mod tests {
             let theirs =
                 conv2d_train_fused(x.as_tensor(), &scaled, s, p, shift_bias, r, true).unwrap();
             assert!(max_abs(&(&ours - &theirs).unwrap()) < 1e-6);
-            let m = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
-            let lo = (ours * &m).unwrap().sum_all().unwrap().backward().unwrap();
-            let lt = (theirs * &m)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let (lo, lt) = weighted_sum_grads(&ours, &theirs);
             for v in [&x, &wt] {
                 let (a, t) = (lo.get(v).expect("gradient"), lt.get(v).unwrap());
                 let rel = max_abs(&(a - t).unwrap()) / max_abs(t);
