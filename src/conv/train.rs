@@ -497,13 +497,20 @@ fn fused(
     )
 }
 
-/// Per-channel sums of an `(n, c, plane)` gradient, accumulated in f64.
+/// Per-channel sums of an `(n, c, plane)` gradient, accumulated in f64, channels in
+/// parallel (each summed in a fixed order).
 fn channel_sums(g: &[f32], c: usize, plane: usize) -> Vec<f32> {
-    let mut sums = vec![0f64; c];
-    for (i, chunk) in g.chunks_exact(plane).enumerate() {
-        sums[i % c] += chunk.iter().map(|&v| v as f64).sum::<f64>();
-    }
-    sums.into_iter().map(|s| s as f32).collect()
+    let n = g.len() / (c * plane);
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let image = |i: usize| &g[(i * c + ch) * plane..][..plane];
+            let sum: f64 = (0..n)
+                .map(|i| image(i).iter().map(|&v| v as f64).sum::<f64>())
+                .sum();
+            sum as f32
+        })
+        .collect()
 }
 
 /// ∂L/∂x of a strided convolution: per image, the columns `wᵀ · g` (one product) scattered
@@ -649,13 +656,39 @@ fn grad_weight_winograd(g: &[f32], x: &[f32], d: ConvDims, budget: usize) -> Vec
     let grid = (h, w, h.div_ceil(2) * w.div_ceil(2));
     let total = n * grid.2;
     let chunk = (budget / (16 * (cin + cout))).clamp(1, total);
-    let mut s = vec![0f32; 16 * cout * cin];
     // Rows of an odd number of floats: rows a power of two of floats apart alias in the
     // cache, in the transforms' writes and in the products' packing (measured: 2048 tiles
     // ran at half speed).
     let block = |len: usize| 16 * (len | 1);
-    let mut v = vec![0f32; block(chunk) * cin];
-    let mut gy = vec![0f32; block(chunk) * cout];
+    let lens = [16 * cout * cin, block(chunk) * cin, block(chunk) * cout];
+    WINOGRAD_SCRATCH.with(|scratch| {
+        // A thread blocked in a rayon join may run another job that lands here: it gets
+        // fresh buffers.
+        let mut fresh = Default::default();
+        let mut held = scratch.try_borrow_mut();
+        let [s, v, gy] = match held.as_deref_mut() {
+            Ok(bufs) => bufs,
+            Err(_) => &mut fresh,
+        };
+        let (s, v, gy) = (grown(s, lens[0]), grown(v, lens[1]), grown(gy, lens[2]));
+        transformed_sums((g, x), d, chunk, (s, v, gy));
+        winograd_weights(s, cout, cin)
+    })
+}
+
+/// `S_ξ` of [`grad_weight_winograd`] into `s`, chunk by chunk. Every element of `s` is
+/// written and every element of `v` and `gy` that is read was written first, so the
+/// scratch needs no zeroing.
+fn transformed_sums(
+    (g, x): (&[f32], &[f32]),
+    d: ConvDims,
+    chunk: usize,
+    (s, v, gy): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    let (n, cin, cout, h, w, _, _) = d;
+    let grid = (h, w, h.div_ceil(2) * w.div_ceil(2));
+    let total = n * grid.2;
+    let block = |len: usize| 16 * (len | 1);
     for j0 in (0..total).step_by(chunk) {
         let len = chunk.min(total - j0);
         let (v, gy) = (&mut v[..block(len) * cin], &mut gy[..block(len) * cout]);
@@ -670,7 +703,7 @@ fn grad_weight_winograd(g: &[f32], x: &[f32], d: ConvDims, budget: usize) -> Vec
             .enumerate()
             .for_each(|(xi, s_xi)| {
                 // SAFETY: S_ξ is cout × cin (rows cin apart); Ŷ_ξ is cout × len and V_ξ is
-                // cin × len (rows 16·len apart, from ξ·len), read transposed.
+                // cin × len (rows `block(len)` apart, from ξ·(len | 1)), read transposed.
                 unsafe {
                     gemm(
                         cout,
@@ -696,6 +729,10 @@ fn grad_weight_winograd(g: &[f32], x: &[f32], d: ConvDims, budget: usize) -> Vec
                 }
             });
     }
+}
+
+/// `∂w = Gᵀ·S·G` for every weight, from the 16 `cout × cin` sums in `s`.
+fn winograd_weights(s: &[f32], cout: usize, cin: usize) -> Vec<f32> {
     let mut out = vec![0f32; cout * cin * 9];
     out.par_chunks_mut(cin * 9)
         .enumerate()
@@ -711,6 +748,22 @@ fn grad_weight_winograd(g: &[f32], x: &[f32], d: ConvDims, budget: usize) -> Vec
             }
         });
     out
+}
+
+thread_local! {
+    /// Scratch of [`grad_weight_winograd`] (sums, transformed inputs and gradients), kept
+    /// between calls: fresh zeroed buffers cost a single-threaded fill of ~50 MB per call.
+    static WINOGRAD_SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()])
+    };
+}
+
+/// The first `len` elements of `v`, grown (zero-filled, once) if shorter.
+fn grown(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    &mut v[..len]
 }
 
 /// Gᵀ·u for F(2×2, 3×3)'s G = [1 0 0; ½ ½ ½; ½ −½ ½; 0 0 1].
