@@ -1381,6 +1381,12 @@ impl Conv {
     /// Prepares the kernels once for several inputs: a trainable convolution on the CPU then
     /// packs its weights once per step instead of once per feature map.
     pub fn prepare(&self) -> Result<PreparedConv<'_>> {
+        self.prepare_with(train::TRAIN_ALGORITHM)
+    }
+
+    /// [`Self::prepare`], a trainable convolution's forward running `algorithm` (see
+    /// [`TrainConv2d::with_algorithm`]).
+    pub fn prepare_with(&self, algorithm: Algorithm) -> Result<PreparedConv<'_>> {
         let Conv::Plain(c) = self else {
             return Ok(PreparedConv::Direct(self));
         };
@@ -1390,7 +1396,8 @@ impl Conv {
         }
         let bias = c.bias().map_or(TrainBias::None, TrainBias::Learned);
         Ok(
-            match TrainConv2d::new(c.weight(), bias, cfg.stride, cfg.padding)? {
+            match TrainConv2d::with_algorithm(c.weight(), bias, cfg.stride, cfg.padding, algorithm)?
+            {
                 Some(t) => PreparedConv::Train(t),
                 None => PreparedConv::Direct(self),
             },

@@ -105,12 +105,30 @@ impl std::fmt::Debug for TrainConv2d {
 
 impl TrainConv2d {
     /// Packs `weight` `(cout, cin, k, k)` and `bias`; `None` where the fast kernels do not
-    /// apply (not f32 on the CPU, a non-square kernel, padding ≥ kernel).
+    /// apply (not f32 on the CPU, a non-square kernel, padding ≥ kernel). The forward
+    /// multiplies directly (see [`Self::with_algorithm`]).
     pub fn new(
         weight: &Tensor,
         bias: TrainBias,
         stride: usize,
         padding: usize,
+    ) -> Result<Option<Arc<Self>>> {
+        Self::with_algorithm(weight, bias, stride, padding, TRAIN_ALGORITHM)
+    }
+
+    /// [`Self::new`] with the algorithm of the forward's stride-1 3×3 products. Winograd's
+    /// rounding there reaches the activations, and through them every gradient below, so
+    /// it is chosen per layer (as [`crate::head`] does). Measured with F(2×2, 3×3) in train
+    /// parity: in the v1 head, float32 gradients stayed as close to float64 as with direct
+    /// products (1.1e-6). Everywhere, they moved 40× further (4.7e-5): backbone kernels
+    /// carry folded frozen batch-norm scales and cancel against large shifts. In v2's FPN
+    /// and output convolutions, before GroupNorm, they moved 8× further.
+    pub fn with_algorithm(
+        weight: &Tensor,
+        bias: TrainBias,
+        stride: usize,
+        padding: usize,
+        algorithm: Algorithm,
     ) -> Result<Option<Arc<Self>>> {
         let (cout, cin, k, k2) = weight.dims4()?;
         let fits = weight.device().is_cpu() && weight.dtype() == DType::F32;
@@ -129,7 +147,7 @@ impl TrainConv2d {
         };
         let pack = |w: &[f32]| {
             let bias = constant(bias, cout)?;
-            fused(w, (cout, cin, k), bias, geo, TRAIN_ALGORITHM)
+            fused(w, (cout, cin, k), bias, geo, algorithm)
         };
         let forward = match &folded {
             Some((w, _)) => pack(w)?,
@@ -1219,6 +1237,42 @@ mod tests {
                         v.dims()
                     );
                 }
+            }
+        }
+    }
+
+    /// A Winograd F(2×2, 3×3) forward (as the v1 head trains) with bias and ReLU: values and
+    /// gradients as Candle's.
+    #[test]
+    fn winograd_forward_train_conv_matches_candle() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (2, 130, 17, 19), &dev).unwrap();
+        let wt = Var::randn(0f32, 0.05, (140, 130, 3, 3), &dev).unwrap();
+        let b = Var::randn(0f32, 0.5, 140, &dev).unwrap();
+        let bias = TrainBias::Learned(b.as_tensor());
+        let conv = TrainConv2d::with_algorithm(wt.as_tensor(), bias, 1, 1, Algorithm::Winograd2)
+            .unwrap()
+            .expect("f32 CPU conv");
+        for relu in [false, true] {
+            let ours = conv.forward(x.as_tensor(), None, relu).unwrap();
+            let (xt, wtt, bt) = (x.as_tensor(), wt.as_tensor(), Some(b.as_tensor()));
+            let pre = reference(xt, wtt, 1, 1, bt, None, false);
+            let e = max_abs(&(&ours - &reference(xt, wtt, 1, 1, bt, None, relu)).unwrap());
+            assert!(e / max_abs(&pre) < 4e-6, "forward rel err {e}");
+            let theirs = if relu {
+                let mask = ours.gt(0f32).unwrap().to_dtype(DType::F32).unwrap();
+                (pre * mask).unwrap()
+            } else {
+                pre
+            };
+            let (lo, lt) = weighted_sum_grads(&ours, &theirs);
+            for v in [&x, &wt, &b] {
+                let (a, t) = (
+                    lo.get(v.as_tensor()).unwrap(),
+                    lt.get(v.as_tensor()).unwrap(),
+                );
+                let rel = max_abs(&(a - t).unwrap()) / max_abs(t);
+                assert!(rel < 4e-5, "relu {relu}: grad {:?} rel err {rel}", v.dims());
             }
         }
     }
