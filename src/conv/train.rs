@@ -671,14 +671,13 @@ const WINOGRAD_GW_FLOATS: usize = 8 * 1024 * 1024;
 /// order on one thread, so the result does not depend on the thread count.
 fn grad_weight_winograd(g: &[f32], x: &[f32], d: ConvDims, budget: usize) -> Vec<f32> {
     let (n, cin, cout, h, w, _, _) = d;
-    let grid = (h, w, h.div_ceil(2) * w.div_ceil(2));
-    let total = n * grid.2;
+    let total = n * h.div_ceil(2) * w.div_ceil(2);
     let chunk = (budget / (16 * (cin + cout))).clamp(1, total);
-    // Rows of an odd number of floats: rows a power of two of floats apart alias in the
-    // cache, in the transforms' writes and in the products' packing (measured: 2048 tiles
-    // ran at half speed).
-    let block = |len: usize| 16 * (len | 1);
-    let lens = [16 * cout * cin, block(chunk) * cin, block(chunk) * cout];
+    let lens = [
+        16 * cout * cin,
+        tile_block(chunk) * cin,
+        tile_block(chunk) * cout,
+    ];
     WINOGRAD_SCRATCH.with(|scratch| {
         // A thread blocked in a rayon join may run another job that lands here: it gets
         // fresh buffers.
@@ -694,6 +693,13 @@ fn grad_weight_winograd(g: &[f32], x: &[f32], d: ConvDims, budget: usize) -> Vec
     })
 }
 
+/// Floats of one channel's transformed tiles for a chunk of `len`: 16 rows of an odd
+/// number of floats, as rows a power of two of floats apart alias in the cache, in the
+/// transforms' writes and in the products' packing (measured: 2048 tiles ran at half speed).
+fn tile_block(len: usize) -> usize {
+    16 * (len | 1)
+}
+
 /// `S_ξ` of [`grad_weight_winograd`] into `s`, chunk by chunk. Every element of `s` is
 /// written and every element of `v` and `gy` that is read was written first, so the
 /// scratch needs no zeroing.
@@ -706,22 +712,24 @@ fn transformed_sums(
     let (n, cin, cout, h, w, _, _) = d;
     let grid = (h, w, h.div_ceil(2) * w.div_ceil(2));
     let total = n * grid.2;
-    let block = |len: usize| 16 * (len | 1);
     for j0 in (0..total).step_by(chunk) {
         let len = chunk.min(total - j0);
-        let (v, gy) = (&mut v[..block(len) * cin], &mut gy[..block(len) * cout]);
-        v.par_chunks_mut(block(len))
+        let (v, gy) = (
+            &mut v[..tile_block(len) * cin],
+            &mut gy[..tile_block(len) * cout],
+        );
+        v.par_chunks_mut(tile_block(len))
             .enumerate()
             .for_each(|(c, dst)| input_tiles(x, (c, cin), grid, (j0, len), dst));
-        gy.par_chunks_mut(block(len))
+        gy.par_chunks_mut(tile_block(len))
             .enumerate()
             .for_each(|(c, dst)| gradient_tiles(g, (c, cout), grid, (j0, len), dst));
-        let rs = block(len) as isize;
+        let rs = tile_block(len) as isize;
         s.par_chunks_mut(cout * cin)
             .enumerate()
             .for_each(|(xi, s_xi)| {
                 // SAFETY: S_ξ is cout × cin (rows cin apart); Ŷ_ξ is cout × len and V_ξ is
-                // cin × len (rows `block(len)` apart, from ξ·(len | 1)), read transposed.
+                // cin × len (rows `tile_block(len)` apart, from ξ·(len | 1)), read transposed.
                 unsafe {
                     gemm(
                         cout,
@@ -813,6 +821,25 @@ fn tile_rows(
     }
 }
 
+/// Fills each `wp`-long row of `rows` with a row of the `w`-wide `plane`, from plane row
+/// `first` on, shifted right by `left` columns; zero outside the plane.
+fn padded_rows(
+    plane: &[f32],
+    w: usize,
+    (first, left): (isize, usize),
+    wp: usize,
+    rows: &mut [f32],
+) {
+    let h = plane.len() / w;
+    for (r, row) in rows.chunks_exact_mut(wp).enumerate() {
+        row.fill(0.0);
+        let y = first + r as isize;
+        if (0..h as isize).contains(&y) {
+            row[left..][..w].copy_from_slice(&plane[y as usize * w..][..w]);
+        }
+    }
+}
+
 /// V = Bᵀ·d·B of channel `c` for the tiles `j0..j0 + len` (over the batch) of the `(n,
 /// channels, h, w)` input `x`, each 4×4 input tile read from one row and column before its
 /// 2×2 output tile (zero outside), into `dst` laid out `[16][len | 1]`. A row of tiles at a
@@ -831,12 +858,8 @@ fn input_tiles(
     let mut e = vec![0f32; 4 * wp];
     tile_rows(chunk, tiles, tw, |img, ty, tx0, j, n_tx| {
         let plane = &x[(img * channels + c) * h * w..][..h * w];
-        for (r, row) in rows.chunks_exact_mut(wp).enumerate() {
-            row.fill(0.0);
-            if let Some(y) = (2 * ty + r).checked_sub(1).filter(|&y| y < h) {
-                row[1..][..w].copy_from_slice(&plane[y * w..][..w]);
-            }
-        }
+        // Input rows 2·ty − 1 … 2·ty + 2, one column of padding on the left.
+        padded_rows(plane, w, ((2 * ty) as isize - 1, 1), wp, &mut rows);
         let (r0, rest) = rows.split_at(wp);
         let (r1, rest) = rest.split_at(wp);
         let (r2, r3) = rest.split_at(wp);
@@ -885,16 +908,9 @@ fn gradient_tiles(
     let mut col = vec![0f32; wp];
     tile_rows(chunk, tiles, tw, |img, ty, tx0, j, n_tx| {
         let plane = &g[(img * channels + c) * h * w..][..h * w];
-        for (r, row) in rows.chunks_exact_mut(wp).enumerate() {
-            row.fill(0.0);
-            let y = 2 * ty + r;
-            if y < h {
-                row[..w].copy_from_slice(&plane[y * w..][..w]);
-            }
-        }
+        padded_rows(plane, w, ((2 * ty) as isize, 0), wp, &mut rows);
         // A = [1 0; 1 1; 1 −1; 0 −1] down the columns, one row of A·∂Y at a time, then ·Aᵀ
-        // along it: the tiles'
-        // values of one (r, cc) are contiguous in `dst`.
+        // along it: the tiles' values of one (r, cc) are contiguous in `dst`.
         let (r0, r1) = rows.split_at(wp);
         let (r0, r1) = (&r0[2 * tx0..][..2 * n_tx], &r1[2 * tx0..][..2 * n_tx]);
         for r in 0..4 {
