@@ -140,9 +140,9 @@ fn main() -> Result<()> {
                 ..Default::default()
             },
             precision: if args.bf16 {
-                retinanet::conv::Precision::Bf16
+                retinanet::kernels::Precision::Bf16
             } else {
-                retinanet::conv::Precision::F32
+                retinanet::kernels::Precision::F32
             },
             ..Default::default()
         };

@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use retinanet::conv::{Algorithm, FusedConv2d};
+use retinanet::kernels::{Algorithm, FusedConv2d};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);

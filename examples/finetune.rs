@@ -25,7 +25,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use plotters::prelude::*;
 use retinanet::data::{self, Dataset, Format, LoadOpts, Loader, LoaderConfig, TileConfig};
 use retinanet::eval::{self, Category, GroundTruth, GtBox};
-use retinanet::hub::{write_atomic, HubOptions};
+use retinanet::io::hub::{write_atomic, HubOptions};
 use retinanet::train::params::config_for;
 use retinanet::train::{BackboneNorm, LrSchedule, Start, StepStats, Target, TrainConfig, Trainer};
 use retinanet::{tiling, zoo, Checkpoint, RetinaNet, RetinaNetConfig};

@@ -24,29 +24,21 @@
 //! # }
 //! ```
 
-pub mod anchors;
-pub mod backbone;
-pub mod backbone_train;
-pub mod box_coder;
-pub mod checkpoint;
 pub mod classes;
-pub mod conv;
 pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
-pub mod fpn;
-pub mod head;
-pub mod hub;
+pub mod io;
+pub mod kernels;
+pub mod layers;
 pub mod model;
-pub mod postprocess;
 pub mod tiling;
 pub mod train;
-pub mod transform;
-pub mod zoo;
 
-pub use checkpoint::{Checkpoint, LoadOptions};
 pub use error::{Error, Result};
+pub use io::checkpoint::{Checkpoint, LoadOptions};
+pub use io::zoo;
+pub use model::postprocess::{Detection, PostProcessConfig};
+pub use model::transform::TransformConfig;
 pub use model::{RawOutput, RetinaNet, RetinaNetConfig};
-pub use postprocess::{Detection, PostProcessConfig};
-pub use transform::TransformConfig;

@@ -11,7 +11,7 @@
 
 use image::RgbImage;
 
-use crate::postprocess::{batched_nms, Detection};
+use crate::model::postprocess::{batched_nms, Detection};
 use crate::{Error, Result, RetinaNet};
 
 /// How to tile.

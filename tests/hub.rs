@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use http::Server;
-use retinanet::hub::{self, HubOptions, Source};
+use retinanet::io::hub::{self, HubOptions, Source};
 use retinanet::{Error, RetinaNet};
 use sha2::{Digest, Sha256};
 

@@ -234,7 +234,7 @@ fn architecture_is_read_from_the_checkpoint() {
         assert_eq!(c.num_classes, k, "{name}");
         assert_eq!(c.head_group_norm, v2, "{name}");
         assert_eq!(c.bn_eps, eps, "{name}");
-        let p6_from_c5 = c.extra_input == retinanet::fpn::ExtraInput::C5;
+        let p6_from_c5 = c.extra_input == retinanet::model::fpn::ExtraInput::C5;
         assert_eq!(p6_from_c5, v2, "{name}");
     }
 }
@@ -245,7 +245,7 @@ fn architecture_is_read_from_the_checkpoint() {
 /// CPU lacks AVX512-BF16.
 #[test]
 fn bf16_products_accuracy_cost() {
-    if !retinanet::conv::bf16::supported() {
+    if !retinanet::kernels::bf16::supported() {
         eprintln!("skipped: this CPU has no AVX512-BF16");
         return;
     }
@@ -261,7 +261,7 @@ fn bf16_products_accuracy_cost() {
                 max_size: meta.max_size,
                 ..Default::default()
             },
-            precision: retinanet::conv::Precision::Bf16,
+            precision: retinanet::kernels::Precision::Bf16,
             ..Default::default()
         };
         let model = RetinaNet::load_with(dir.join("model.safetensors"), &Device::Cpu, &opts)

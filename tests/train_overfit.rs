@@ -75,7 +75,7 @@ fn tmp_dir(name: &str) -> PathBuf {
 }
 
 fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
-    retinanet::train::assign::box_iou(a, b)
+    retinanet::model::matcher::box_iou(a, b)
 }
 
 #[test]

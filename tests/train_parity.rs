@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
-use retinanet::train::loss::{retinanet_losses, LossTargets};
+use retinanet::model::focal_loss::{retinanet_losses, LossTargets};
 use retinanet::train::optim::clip_grad_norm;
 use retinanet::train::params::config_for;
 use retinanet::train::{
@@ -444,7 +444,7 @@ fn focal_loss_matches_torchvision_on_extreme_logits() {
     for (name, alpha, gamma) in [("default", 0.25, 2.0), ("a05_g1_5", 0.5, 1.5)] {
         let x = Var::from_tensor(&f["x"]).unwrap();
         let loss =
-            retinanet::train::loss::sigmoid_focal_loss(x.as_tensor(), &f["t"], Some(alpha), gamma)
+            retinanet::model::focal_loss::sigmoid_focal_loss(x.as_tensor(), &f["t"], Some(alpha), gamma)
                 .unwrap();
         let grads = loss.sum_all().unwrap().backward().unwrap();
         check(

@@ -5,23 +5,22 @@
 //! - [`params`]: the parameter store: initialisation of new layers (the paper's N(0, 0.01)
 //!   and prior-probability bias), partial loading from a RetinaNet or ImageNet ResNet
 //!   checkpoint, and which tensors train (torchvision's `trainable_backbone_layers`);
-//! - [`assign`]: anchor ↔ ground-truth matching (IoU ≥ 0.5 foreground, < 0.4 background,
-//!   low-quality matches kept), on the host;
-//! - [`loss`]: sigmoid focal loss and the box losses (L1, smooth L1, GIoU), differentiable;
+//! - [`crate::model::matcher`]: anchor ↔ ground-truth matching (IoU ≥ 0.5 foreground, < 0.4
+//!   background, low-quality matches kept), on the host;
+//! - [`crate::model::focal_loss`]: sigmoid focal loss and the box losses (L1, smooth L1,
+//!   GIoU), differentiable;
 //! - [`optim`]: SGD with momentum and weight decay, gradient-norm clipping, learning-rate
 //!   schedule;
-//! - [`io`]: atomic training checkpoints (model + optimiser state);
+//! - [`checkpoint`]: atomic training checkpoints (model + optimiser state);
 //! - [`trainer`]: [`Trainer`], which ties them into one step on a batch.
 
-pub mod assign;
-pub mod io;
-pub mod loss;
+pub mod checkpoint;
 pub mod optim;
 pub mod params;
 pub mod trainer;
 
-pub use assign::Matcher;
-pub use loss::{BoxLoss, LossConfig, Losses};
+pub use crate::model::focal_loss::{BoxLoss, LossConfig, Losses};
+pub use crate::model::matcher::Matcher;
 pub use optim::{LrSchedule, Sgd, SgdConfig};
 pub use params::{BackboneNorm, ParamStore, Role, Start};
 pub use trainer::{StepStats, Target, TrainConfig, Trainer};

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
-use crate::conv::f32_slice;
+use crate::kernels::f32_slice;
 use crate::{Error, Result};
 
 /// SGD hyper-parameters other than the learning rate (which the schedule gives per step).

@@ -21,7 +21,7 @@ use candle_core::{DType, Device, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::checkpoint::Checkpoint;
+use crate::io::checkpoint::Checkpoint;
 use crate::model::{RetinaNet, RetinaNetConfig};
 use crate::{Error, Result};
 
@@ -491,11 +491,11 @@ pub fn config_for(start: &Start, num_classes: usize) -> Result<RetinaNetConfig> 
                     *count += 1;
                 }
             }
-            let backbone = crate::backbone::ResNetConfig {
+            let backbone = crate::model::backbone::ResNetConfig {
                 block: if bottleneck {
-                    crate::backbone::BlockKind::Bottleneck
+                    crate::model::backbone::BlockKind::Bottleneck
                 } else {
-                    crate::backbone::BlockKind::Basic
+                    crate::model::backbone::BlockKind::Basic
                 },
                 layers,
             };

@@ -26,9 +26,9 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use image::RgbImage;
 
-use super::assign::{resize_boxes, Matcher};
-use super::io::{optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as};
-use super::loss::{retinanet_losses, LossConfig, LossTargets, Losses};
+use crate::model::matcher::{resize_boxes, Matcher};
+use super::checkpoint::{optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as};
+use crate::model::focal_loss::{retinanet_losses, LossConfig, LossTargets, Losses};
 use super::optim::{clip_grad_norm, LrSchedule, Sgd, SgdConfig};
 use super::params::{
     initial_values, load_exact, role, BackboneNorm, InitReport, ParamStore, Start,
@@ -365,7 +365,7 @@ impl Trainer {
 
     /// Writes the model to `path` (a safetensors file [`RetinaNet::load`] reads, with
     /// `bn_eps`, `class_names` and `step` metadata) and the optimiser state beside it
-    /// ([`super::io::optim_path`]), each atomically.
+    /// ([`super::checkpoint::optim_path`]), each atomically.
     pub fn save(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let step = self.step.to_string();

@@ -751,7 +751,7 @@ mod tests {
     fn max_pool_forward_matches_the_inference_pool() {
         let x = Tensor::randn(0f32, 1.0, (2, 4, 9, 12), &Device::Cpu).unwrap();
         let ours = max_pool_3x3_s2_p1_train(&x).unwrap();
-        let fast = crate::conv::max_pool_3x3_s2_p1(&x).unwrap();
+        let fast = crate::kernels::max_pool_3x3_s2_p1(&x).unwrap();
         let d = (ours - fast).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
     }

@@ -10,8 +10,8 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{conv2d_no_bias, Conv2dConfig, VarBuilder};
 
-use crate::backbone_train::{max_pool_3x3_s2_p1_train, BatchNorm2dTrain};
-use crate::conv::{conv2d_train, conv2d_train_fused, Conv, Precision, TrainBias};
+use crate::layers::norm::{max_pool_3x3_s2_p1_train, BatchNorm2dTrain};
+use crate::kernels::{conv2d_train, conv2d_train_fused, Conv, Precision, TrainBias};
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -372,7 +372,7 @@ impl ResNet {
     }
 
     /// Moves the running statistics of every trained batch norm towards those of the last
-    /// training forward (momentum [`crate::backbone_train::BN_MOMENTUM`], as torchvision does
+    /// training forward (momentum [`crate::layers::norm::BN_MOMENTUM`], as torchvision does
     /// in each training-mode forward). Returns how many norms were updated.
     pub fn update_running_stats(&self) -> Result<usize> {
         let mut updated = usize::from(self.stem.update_running_stats()?);
@@ -416,7 +416,7 @@ impl ResNet {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let x = self.stem.forward_t(x, None, true, train)?;
         let mut x = if self.stem.is_fused() {
-            crate::conv::max_pool_3x3_s2_p1(&x)?
+            crate::kernels::max_pool_3x3_s2_p1(&x)?
         } else if x.track_op() {
             // A trained stem: the pool's gradient must reach it.
             max_pool_3x3_s2_p1_train(&x)?

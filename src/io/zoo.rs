@@ -15,7 +15,7 @@ use std::path::PathBuf;
 
 use candle_core::Device;
 
-use crate::hub::{self, HubOptions, Source};
+use crate::io::hub::{self, HubOptions, Source};
 use crate::{Error, LoadOptions, Result, RetinaNet, RetinaNetConfig};
 
 /// What a zoo file holds.

@@ -6,15 +6,15 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use crate::anchors::AnchorGenerator;
-use crate::backbone::{ResNet, ResNetConfig};
-use crate::box_coder::BoxCoder;
-use crate::checkpoint::{Checkpoint, LoadOptions};
-use crate::conv::Precision;
-use crate::fpn::{ExtraInput, Fpn};
-use crate::head::RetinaNetHead;
-use crate::postprocess::{sigmoid, Detection, LevelCandidates, PostProcessConfig};
-use crate::transform::{ImageBatch, TransformConfig};
+use crate::model::anchors::AnchorGenerator;
+use crate::model::backbone::{ResNet, ResNetConfig};
+use crate::model::box_coder::BoxCoder;
+use crate::io::checkpoint::{Checkpoint, LoadOptions};
+use crate::kernels::Precision;
+use crate::model::fpn::{ExtraInput, Fpn};
+use crate::model::head::RetinaNetHead;
+use crate::model::postprocess::{sigmoid, Detection, LevelCandidates, PostProcessConfig};
+use crate::model::transform::{ImageBatch, TransformConfig};
 use crate::{Error, Result};
 
 /// Architecture of a RetinaNet.
@@ -450,7 +450,7 @@ fn rescale(
 /// The given rows of a contiguous f32 CPU `(rows, k)` tensor, gathered straight from its
 /// storage; `None` for anything else.
 fn rows_on_host(t: &Tensor, k: usize, rows: &[usize]) -> Option<Vec<f32>> {
-    crate::conv::host_f32(t, |values| {
+    crate::kernels::host_f32(t, |values| {
         let mut out = Vec::with_capacity(rows.len() * k);
         for &r in rows {
             out.extend_from_slice(values.get(r * k..(r + 1) * k)?);
@@ -466,7 +466,7 @@ fn row_maxima_on_host(t: &Tensor, k: usize) -> Option<Vec<f32>> {
     if k == 0 {
         return None;
     }
-    crate::conv::host_f32(t, |values| {
+    crate::kernels::host_f32(t, |values| {
         values
             .par_chunks(k)
             .map(|row| row.iter().copied().fold(f32::NEG_INFINITY, f32::max))

@@ -5,7 +5,7 @@
 //! It runs in plain Rust on the few thousand candidates that pass the threshold; the model
 //! only copies those rows off its device.
 
-use crate::box_coder::{clip_box, BoxCoder};
+use crate::model::box_coder::{clip_box, BoxCoder};
 
 /// Settings of post-processing; the defaults are torchvision's.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

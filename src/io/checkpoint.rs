@@ -15,11 +15,11 @@ use candle_core::{pickle::PthTensors, DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::backbone::{BlockKind, ResNetConfig};
-use crate::fpn::ExtraInput;
+use crate::model::backbone::{BlockKind, ResNetConfig};
+use crate::model::fpn::ExtraInput;
 use crate::model::RetinaNetConfig;
-use crate::postprocess::PostProcessConfig;
-use crate::transform::TransformConfig;
+use crate::model::postprocess::PostProcessConfig;
+use crate::model::transform::TransformConfig;
 use crate::{Error, Result};
 
 enum Store {
@@ -70,7 +70,7 @@ pub struct LoadOptions {
     pub fuse: bool,
     /// Precision of the fused CPU kernels' products in the FPN and heads: f32, or bf16 on
     /// CPUs with AVX512-BF16 (see `conv::Precision` and `RetinaNet::fuse_for_inference_with`).
-    pub precision: crate::conv::Precision,
+    pub precision: crate::kernels::Precision,
 }
 
 impl Default for LoadOptions {
@@ -82,7 +82,7 @@ impl Default for LoadOptions {
             transform: TransformConfig::default(),
             postprocess: PostProcessConfig::default(),
             fuse: true,
-            precision: crate::conv::Precision::F32,
+            precision: crate::kernels::Precision::F32,
         }
     }
 }

@@ -5,7 +5,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Module, Result, Shape, T
 use candle_nn::{conv2d, Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 
-use crate::conv::Conv;
+use crate::kernels::Conv;
 
 /// Input of the P6 convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -95,7 +95,7 @@ impl Fpn {
     }
 
     /// Switches every convolution to the fast inference path.
-    pub fn fuse(&mut self, precision: crate::conv::Precision) -> Result<()> {
+    pub fn fuse(&mut self, precision: crate::kernels::Precision) -> Result<()> {
         let convs = self
             .inner_blocks
             .iter_mut()
@@ -138,7 +138,7 @@ impl CustomOp1 for Upsample2x {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l.shape().dims4()?;
-        let x = crate::conv::f32_slice(s, l)?;
+        let x = crate::kernels::f32_slice(s, l)?;
         let mut out = vec![0f32; n * c * 4 * h * w];
         out.par_chunks_mut(4 * h * w)
             .zip(x.par_chunks(h * w))
@@ -157,7 +157,7 @@ impl CustomOp1 for Upsample2x {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (n, c, h, w) = arg.dims4()?;
         let grad = grad.contiguous()?;
-        let sums = crate::conv::host_f32(&grad, |g| {
+        let sums = crate::kernels::host_f32(&grad, |g| {
             let mut out = vec![0f32; n * c * h * w];
             out.par_chunks_mut(h * w)
                 .zip(g.par_chunks(4 * h * w))
