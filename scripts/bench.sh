@@ -4,6 +4,9 @@
 # alternating rounds (separate processes, so peak memory is per job) and reports the median of
 # the per-round ratios. Run it on an idle machine: anything else on the cores skews both.
 # Usage: scripts/bench.sh [THREADS] [ROUNDS] [RUNS_PER_ROUND]
+# With BENCH_BEFORE=PATH (an `examples/bench` binary built from an earlier commit), each round
+# also runs that binary, and the table gains its time and its ratio to ours: an A/B of a change
+# on the same machine, in the same run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 threads="${1:-2}"
@@ -34,7 +37,11 @@ run_row() { # name, args... (a name with "bf16" runs ours with bf16 products)
   for r in $(seq "$rounds"); do
     ours="$(./target/release/examples/bench --runs "$runs" "$@" "${extra[@]}")"
     theirs="$("$py" scripts/bench_torchvision.py --threads "$threads" --runs "$runs" "$@")"
-    echo "{\"row\": \"$name\", \"round\": $r, \"ours\": $ours, \"theirs\": $theirs}" >> "$out"
+    before=null
+    if [ -n "${BENCH_BEFORE:-}" ]; then
+      before="$("$BENCH_BEFORE" --runs "$runs" "$@" "${extra[@]}")"
+    fi
+    echo "{\"row\": \"$name\", \"round\": $r, \"ours\": $ours, \"theirs\": $theirs, \"before\": $before}" >> "$out"
   done
 }
 common=(--weights "$weights")
@@ -57,8 +64,10 @@ for line in open(sys.argv[1]):
     rows.setdefault(r["row"], []).append(r)
 macs = json.loads(sys.argv[2])["macs"]
 print(f"threads: {sys.argv[3]}; convolution MACs of one 800x1066 detect: {macs / 1e9:.1f} G")
-print("| job | ours ms | torchvision ms | ours/torchvision (median of rounds) | ours peak MB | torchvision peak MB |")
-print("|---|---|---|---|---|---|")
+ab = all(r["before"] is not None for rs in rows.values() for r in rs)
+print("| job | ours ms | torchvision ms | ours/torchvision (median of rounds) | ours peak MB | torchvision peak MB |"
+      + (" before ms | ours/before | before peak MB |" if ab else ""))
+print("|---|---|---|---|---|---|" + ("---|---|---|" if ab else ""))
 gemm, det = {}, None
 for name, rs in rows.items():
     o = statistics.median(r["ours"]["ms_median"] for r in rs)
@@ -66,7 +75,13 @@ for name, rs in rows.items():
     ratio = statistics.median(r["ours"]["ms_median"] / r["theirs"]["ms_median"] for r in rs)
     om = max(r["ours"]["peak_rss_mb"] for r in rs)
     tm = max(r["theirs"]["peak_rss_mb"] for r in rs)
-    print(f"| {name} | {o:.1f} | {t:.1f} | {ratio:.2f} | {om:.0f} | {tm:.0f} |")
+    line = f"| {name} | {o:.1f} | {t:.1f} | {ratio:.2f} | {om:.0f} | {tm:.0f} |"
+    if ab:
+        b = statistics.median(r["before"]["ms_median"] for r in rs)
+        vs = statistics.median(r["ours"]["ms_median"] / r["before"]["ms_median"] for r in rs)
+        bm = max(r["before"]["peak_rss_mb"] for r in rs)
+        line += f" {b:.1f} | {vs:.3f} | {bm:.0f} |"
+    print(line)
     if name.startswith("sgemm"):
         gemm = {"ours": 2 * 2048**3 / o / 1e6, "theirs": 2 * 2048**3 / t / 1e6}
     if name == "detect 800x1066, batch 1":
