@@ -27,4 +27,13 @@ if [ -f scripts/make_eval_fixtures.py ]; then
   make_fixtures make_eval_fixtures.py eval
 fi
 
-cargo test --release "$@"
+# Tests that cannot run their checks here (a CPU feature missing) say so in this file.
+skipped=target/skipped-tests.txt
+rm -f "$skipped"
+status=0
+cargo test --release "$@" || status=$?
+if [ -s "$skipped" ]; then
+  echo "Tests that skipped their checks on this machine:" >&2
+  sort -u "$skipped" >&2
+fi
+exit "$status"

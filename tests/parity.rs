@@ -246,7 +246,11 @@ fn architecture_is_read_from_the_checkpoint() {
 #[test]
 fn bf16_products_accuracy_cost() {
     if !retinanet::kernels::bf16::supported() {
-        eprintln!("skipped: this CPU has no AVX512-BF16");
+        common::skip(
+            "parity::bf16_products_accuracy_cost",
+            "this CPU has no AVX512-BF16, so the bf16 products' accuracy against torchvision \
+             (head outputs within 2e-2, >= 90 % of detections found again) was not measured",
+        );
         return;
     }
     for name in ["v2_r50_coco", "v1_r50_coco"] {

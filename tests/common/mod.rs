@@ -21,3 +21,20 @@ pub fn fixture_dir(sub: &str, script: &str) -> PathBuf {
     );
     dir
 }
+
+/// Records that `test` skipped its checks and why. The harness hides a passing test's output,
+/// so the reason also goes to `target/skipped-tests.txt`, which `scripts/test.sh` prints after
+/// the run (and `--nocapture` shows it in place).
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("skipped {test}: {reason}");
+    eprintln!("{line}");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/skipped-tests.txt");
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
+    if let Err(e) = appended {
+        eprintln!("cannot record the skip in {}: {e}", path.display());
+    }
+}
