@@ -3,12 +3,15 @@
 //! im2col bands, or Winograd F(2×2, 3×3) for 3×3 stride-1 kernels) and per-channel sums.
 //! The stride-1 input gradient is a forward convolution with the flipped kernel.
 
-use gemm::{gemm, Parallelism};
+use std::ops::Range;
+
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::direct::BAND_FLOATS;
 use super::host::SyncPtr;
 use super::im2col::{im2col, Geometry};
+use super::matmul::matmul;
 use super::winograd::bt;
 
 /// `(n, cin, cout, h, w, ho, wo)`.
@@ -58,25 +61,11 @@ pub(crate) fn grad_input_strided(g: &[f32], w: &[f32], geo: Geometry, d: ConvDim
         // SAFETY: cols is kk × q (row stride q); w is cout × kk, read transposed; g_img is
         // cout × q.
         unsafe {
-            gemm(
-                kk,
-                q,
-                cout,
-                cols.as_mut_ptr(),
-                1,
-                q as isize,
-                false,
-                w.as_ptr(),
-                kk as isize,
-                1,
-                g_img.as_ptr(),
-                1,
-                q as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
+            matmul(
+                (kk, q, cout),
+                ((cols.as_mut_ptr(), 1, q), false),
+                (w.as_ptr(), kk, 1),
+                (g_img.as_ptr(), 1, q),
                 Parallelism::Rayon(rayon::current_num_threads()),
             );
         }
@@ -113,7 +102,7 @@ pub(crate) fn grad_input_strided(g: &[f32], w: &[f32], geo: Geometry, d: ConvDim
 /// blocks are disjoint and each is summed in a fixed order: the result does not depend on
 /// the thread count, so training runs (and resumes) are reproducible.
 pub(crate) fn grad_weight(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
-    let (n, cin, cout, h, w, ho, wo) = d;
+    let (n, cin, cout, _, _, ho, wo) = d;
     let kt = geo.k * geo.k;
     let kk = cin * kt;
     let q = ho * wo;
@@ -130,38 +119,20 @@ pub(crate) fn grad_weight(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> V
     let mut total = vec![0f32; cout * kk];
     let out = SyncPtr(total.as_mut_ptr());
     (0..cin.div_ceil(cb)).into_par_iter().for_each(|b| {
-        let (c0, c1) = (b * cb, (b * cb + cb).min(cin));
-        let rows = (c1 - c0) * kt;
+        let channels = b * cb..(b * cb + cb).min(cin);
+        let rows = channels.len() * kt;
         let nb = if pointwise {
             q
         } else {
             (BAND_FLOATS / rows).clamp(64, 4096).min(q)
         };
-        let mut cols = vec![0f32; if pointwise { 0 } else { rows * nb }];
-        for img in 0..n {
-            let channels = &x[(img * cin + c0) * h * w..(img * cin + c1) * h * w];
-            for q0 in (0..q).step_by(nb) {
-                let len = nb.min(q - q0);
-                let band = Band {
-                    input: channels,
-                    q0,
-                    len,
-                };
-                // SAFETY: the destination is the cout × rows block at column c0·k·k of the
-                // cout × kk gradient (rows kk apart), written by this thread only.
-                unsafe {
-                    accumulate_band(
-                        &geo,
-                        d,
-                        band,
-                        &g[img * cout * q..],
-                        &mut cols,
-                        out.at(c0 * kt),
-                        kk,
-                    )
-                };
-            }
-        }
+        let bands = (0..n).flat_map(|img| (0..q).step_by(nb).map(move |q0| (img, q0)));
+        // SAFETY: the destination is the cout × rows block at column c0·k·k of the cout × kk
+        // gradient (rows kk apart), written by this thread only.
+        unsafe {
+            let dst = out.at(channels.start * kt);
+            accumulate_bands(&geo, d, (g, x), channels, nb, bands, dst)
+        };
     });
     total
 }
@@ -237,32 +208,18 @@ fn transformed_sums(
         gy.par_chunks_mut(tile_block(len))
             .enumerate()
             .for_each(|(c, dst)| gradient_tiles(g, (c, cout), grid, (j0, len), dst));
-        let rs = tile_block(len) as isize;
+        let rs = tile_block(len);
         s.par_chunks_mut(cout * cin)
             .enumerate()
             .for_each(|(xi, s_xi)| {
                 // SAFETY: S_ξ is cout × cin (rows cin apart); Ŷ_ξ is cout × len and V_ξ is
                 // cin × len (rows `tile_block(len)` apart, from ξ·(len | 1)), read transposed.
                 unsafe {
-                    gemm(
-                        cout,
-                        cin,
-                        len,
-                        s_xi.as_mut_ptr(),
-                        1,
-                        cin as isize,
-                        j0 > 0,
-                        gy[xi * (len | 1)..].as_ptr(),
-                        1,
-                        rs,
-                        v[xi * (len | 1)..].as_ptr(),
-                        rs,
-                        1,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                    matmul(
+                        (cout, cin, len),
+                        ((s_xi.as_mut_ptr(), 1, cin), j0 > 0),
+                        (gy[xi * (len | 1)..].as_ptr(), 1, rs),
+                        (v[xi * (len | 1)..].as_ptr(), rs, 1),
                         Parallelism::None,
                     )
                 }
@@ -453,62 +410,48 @@ fn gradient_tiles(
     });
 }
 
-/// Positions `q0..q0 + len` of the channels in `input` (one image's, `channels × h × w`).
-struct Band<'a> {
-    input: &'a [f32],
-    q0: usize,
-    len: usize,
-}
-
-/// `dst += g_img[:, band] · columns(band)ᵀ`: the weight-gradient contribution of one band of
-/// positions, for the input channels of `band` (`rows` = channels·k·k gradient columns).
-/// A 1×1 stride-1 convolution reads its columns straight from the input (rows q apart);
-/// anything else copies them into an im2col band in `cols`.
+/// `dst += Σ g_img[:, band] · columns(band)ᵀ` over the bands of `nb` output positions from
+/// `(image, q0)` in `bands`, in order: their weight-gradient contribution for the input
+/// `channels` (`rows` = channels·k·k gradient columns). A 1×1 stride-1 convolution reads its
+/// columns straight from the input (rows q apart); anything else copies them into an im2col
+/// band.
 ///
 /// # Safety
-/// `dst` must point at a `cout × rows` block whose rows are `dst_rs` apart, written by no
-/// other thread meanwhile; `g_img` starts at the image's `cout × q` output gradient.
-unsafe fn accumulate_band(
+/// `dst` must point at a `cout × rows` block whose rows are `cin·k·k` apart, written by no
+/// other thread meanwhile.
+unsafe fn accumulate_bands(
     geo: &Geometry,
     d: ConvDims,
-    band: Band,
-    g_img: &[f32],
-    cols: &mut [f32],
+    (g, x): (&[f32], &[f32]),
+    channels: Range<usize>,
+    nb: usize,
+    bands: impl Iterator<Item = (usize, usize)>,
     dst: *mut f32,
-    dst_rs: usize,
 ) {
-    let (_, _, cout, h, w, ho, wo) = d;
-    let q = ho * wo;
-    let rows = band.input.len() / (h * w) * geo.k * geo.k;
+    let (_, cin, cout, h, w, ho, wo) = d;
+    let (kt, q) = (geo.k * geo.k, ho * wo);
+    let rows = channels.len() * kt;
     let pointwise = geo.k == 1 && geo.stride == 1 && geo.padding == 0;
-    let (cols, cols_rs): (&[f32], usize) = if pointwise {
-        (&band.input[band.q0..], q)
-    } else {
-        let cols = &mut cols[..rows * band.len];
-        im2col(geo, band.input, h, w, band.q0, band.len, cols);
-        (cols, band.len)
-    };
-    gemm(
-        cout,
-        rows,
-        band.len,
-        dst,
-        1,
-        dst_rs as isize,
-        true,
-        g_img[band.q0..].as_ptr(),
-        1,
-        q as isize,
-        cols.as_ptr(),
-        cols_rs as isize,
-        1,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    );
+    let mut cols = vec![0f32; if pointwise { 0 } else { rows * nb }];
+    for (img, q0) in bands {
+        let len = nb.min(q - q0);
+        let input = &x[(img * cin + channels.start) * h * w..(img * cin + channels.end) * h * w];
+        let (cols, cols_rs): (&[f32], usize) = if pointwise {
+            (&input[q0..], q)
+        } else {
+            let cols = &mut cols[..rows * len];
+            im2col(geo, input, h, w, q0, len, cols);
+            (cols, len)
+        };
+        let g_img = &g[img * cout * q + q0..];
+        matmul(
+            (cout, rows, len),
+            ((dst, 1, cin * kt), true),
+            (g_img.as_ptr(), 1, q),
+            (cols.as_ptr(), cols_rs, 1),
+            Parallelism::None,
+        );
+    }
 }
 
 /// Input channels per block of [`grad_weight`]: blocks of ~256 gradient columns, at least two
@@ -528,43 +471,23 @@ fn channel_block(cin: usize, taps: usize, threads: usize) -> usize {
 /// [`grad_weight`] for few input channels (the stem): the positions are split among the
 /// threads, each summing a whole `cout × cin·k·k` partial gradient.
 fn grad_weight_by_positions(g: &[f32], x: &[f32], geo: Geometry, d: ConvDims) -> Vec<f32> {
-    let (n, cin, cout, h, w, ho, wo) = d;
+    let (n, cin, cout, _, _, ho, wo) = d;
     let kk = cin * geo.k * geo.k;
     let q = ho * wo;
     let nb = (BAND_FLOATS / (cout + kk)).clamp(64, 2048);
-    let bands = q.div_ceil(nb);
-    let jobs = n * bands;
+    let per_image = q.div_ceil(nb);
+    let jobs = n * per_image;
     // A fixed split of the work, summed in order: the result does not depend on the thread
     // count or on scheduling, so training runs (and resumes) are reproducible.
     let chunks = jobs.min(GRAD_CHUNKS);
-    let pointwise = geo.k == 1 && geo.stride == 1 && geo.padding == 0;
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|c| {
             let mut acc = vec![0f32; cout * kk];
-            let mut cols = vec![0f32; if pointwise { 0 } else { kk * nb }];
-            for job in c * jobs / chunks..(c + 1) * jobs / chunks {
-                let (img, b) = (job / bands, job % bands);
-                let q0 = b * nb;
-                let len = nb.min(q - q0);
-                let band = Band {
-                    input: &x[img * cin * h * w..][..cin * h * w],
-                    q0,
-                    len,
-                };
-                // SAFETY: acc is cout × kk, owned by this chunk.
-                unsafe {
-                    accumulate_band(
-                        &geo,
-                        d,
-                        band,
-                        &g[img * cout * q..],
-                        &mut cols,
-                        acc.as_mut_ptr(),
-                        kk,
-                    )
-                };
-            }
+            let bands = (c * jobs / chunks..(c + 1) * jobs / chunks)
+                .map(|job| (job / per_image, job % per_image * nb));
+            // SAFETY: acc is cout × kk, owned by this chunk.
+            unsafe { accumulate_bands(&geo, d, (g, x), 0..cin, nb, bands, acc.as_mut_ptr()) };
             acc
         })
         .collect();

@@ -2,13 +2,14 @@
 //! that fit in cache, with bias, residual and ReLU applied as each band is written back.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use gemm::{gemm, Parallelism};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::bf16::{self, Bf16Weights, Lhs};
 use super::epilogue::Epilogue;
 use super::host::{f32_slice, tune_allocator, SyncPtr};
 use super::im2col::{im2col, pack_taps, pad, pad_to, Geometry};
+use super::matmul::matmul;
 use super::winograd::{winograd_input, Spec, TileGrid, Winograd, F2, F4, WINOGRAD_BAND_FLOATS};
 
 /// A convolution with folded bias, ready for the fast CPU path.
@@ -34,23 +35,7 @@ impl FusedConv2d {
     /// with padding 1 and at least 64 input channels use Winograd's F(4×4, 3×3), which needs
     /// 4× fewer multiplications.
     pub fn new(weight: &Tensor, bias: &Tensor, stride: usize, padding: usize) -> Result<Self> {
-        Self::with_winograd(weight, bias, stride, padding, true)
-    }
-
-    /// As [`FusedConv2d::new`], choosing whether eligible convolutions use Winograd.
-    pub fn with_winograd(
-        weight: &Tensor,
-        bias: &Tensor,
-        stride: usize,
-        padding: usize,
-        winograd: bool,
-    ) -> Result<Self> {
-        let algorithm = if winograd {
-            Algorithm::Auto
-        } else {
-            Algorithm::Gemm
-        };
-        Self::with_algorithm(weight, bias, stride, padding, algorithm)
+        Self::with_algorithm(weight, bias, stride, padding, Algorithm::Auto)
     }
 
     /// As [`FusedConv2d::new`] with an explicit algorithm for eligible convolutions.
@@ -61,31 +46,15 @@ impl FusedConv2d {
         padding: usize,
         algorithm: Algorithm,
     ) -> Result<Self> {
-        Self::with_options(weight, bias, stride, padding, algorithm, Precision::F32)
+        Self::with_options(weight, bias, (stride, padding), algorithm, Precision::F32)
     }
 
-    /// As [`FusedConv2d::new`] at the given precision of the products.
-    pub fn with_precision(
+    /// As [`FusedConv2d::new`] with products at `precision`, eligible convolutions running
+    /// `algorithm` (see [`Precision::algorithm`]).
+    pub fn with_options(
         weight: &Tensor,
         bias: &Tensor,
-        stride: usize,
-        padding: usize,
-        precision: Precision,
-    ) -> Result<Self> {
-        // F(4×4)'s transforms multiply entries by up to 5 before the products and cancel
-        // them after: with bf16 operands that is 6 % error; F(2×2)'s ±1, ½ keep it at 0.5 %.
-        let algorithm = match precision {
-            Precision::F32 => Algorithm::Winograd4,
-            Precision::Bf16 => Algorithm::Winograd2,
-        };
-        Self::with_options(weight, bias, stride, padding, algorithm, precision)
-    }
-
-    fn with_options(
-        weight: &Tensor,
-        bias: &Tensor,
-        stride: usize,
-        padding: usize,
+        (stride, padding): (usize, usize),
         algorithm: Algorithm,
         precision: Precision,
     ) -> Result<Self> {
@@ -260,25 +229,11 @@ impl FusedConv2d {
             .for_each(|(plane, &b)| plane.iter_mut().for_each(|v| *v += b));
         // SAFETY: out is cout × hw, packed cout × cin, x cin × hw.
         unsafe {
-            gemm(
-                self.cout,
-                hw,
-                self.cin,
-                out.as_mut_ptr(),
-                1,
-                hw as isize,
-                true,
-                self.packed.as_ptr(),
-                1,
-                self.cin as isize,
-                x.as_ptr(),
-                1,
-                hw as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+            matmul(
+                (self.cout, hw, self.cin),
+                ((out.as_mut_ptr(), 1, hw), true),
+                (self.packed.as_ptr(), 1, self.cin),
+                (x.as_ptr(), 1, hw),
                 Parallelism::Rayon(rayon::current_num_threads()),
             );
         }
@@ -318,7 +273,7 @@ impl FusedConv2d {
             |(v, m), b| {
                 let t0 = b * nt;
                 let n = nt.min(tiles - t0);
-                winograd_input::<T, M>(&padded, cin, &geo, t0, n, &mut v[..tt * cin * n]);
+                winograd_input::<T, M>(&padded, cin, &geo, t0..t0 + n, &mut v[..tt * cin * n]);
                 for xi in 0..tt {
                     let lhs = &wg.u[xi * cout * cin..][..cout * cin];
                     let rhs = &v[xi * cin * n..][..cin * n];
@@ -326,7 +281,7 @@ impl FusedConv2d {
                     // SAFETY: lhs is cout × cin, rhs cin × n, dst cout × n.
                     unsafe { self.product(dst, n, false, (lhs, Lhs::Winograd(xi)), cin, rhs, n) };
                 }
-                epilogue.write_winograd::<T, M>(&m[..tt * cout * n], cout, n, t0, &geo);
+                epilogue.write_winograd::<T, M>(&m[..tt * cout * n], cout, t0..t0 + n, &geo);
             },
         );
     }
@@ -387,25 +342,11 @@ impl FusedConv2d {
         if let Some(b) = &self.bf16 {
             return bf16::gemm(b.get(which), rhs, rhs_rs, n, dst, accumulate);
         }
-        gemm(
-            self.cout,
-            n,
-            kdim,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            kdim as isize,
-            rhs.as_ptr(),
-            1,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
+        matmul(
+            (self.cout, n, kdim),
+            ((dst.as_mut_ptr(), 1, n), accumulate),
+            (lhs.as_ptr(), 1, kdim),
+            (rhs.as_ptr(), 1, rhs_rs),
             Parallelism::None,
         );
     }
@@ -441,6 +382,18 @@ pub enum Precision {
     /// (bias, residuals, ReLU, Winograd transforms, post-processing) stays f32, and
     /// [`crate::RetinaNet`] applies it to the FPN and heads only.
     Bf16,
+}
+
+impl Precision {
+    /// The algorithm of eligible convolutions at this precision. F(4×4)'s transforms multiply
+    /// entries by up to 5 before the products and cancel them after: with bf16 operands that
+    /// is 6 % error; F(2×2)'s ±1, ½ keep it at 0.5 %.
+    pub fn algorithm(self) -> Algorithm {
+        match self {
+            Precision::F32 => Algorithm::Winograd4,
+            Precision::Bf16 => Algorithm::Winograd2,
+        }
+    }
 }
 
 /// How a 3×3 stride-1 convolution with at least 64 input channels is computed.
@@ -622,13 +575,51 @@ mod tests {
     }
 
     #[test]
+    fn bf16_products_match_f32_within_bf16_rounding() {
+        if !bf16::supported() {
+            eprintln!("skipped: this CPU has no AVX512-BF16");
+            return;
+        }
+        let dev = Device::Cpu;
+        // Taps (stride 1, with and without padding), im2col (strided), Winograd.
+        for (cin, cout, k, s, p, h, w) in [
+            (8, 16, 1, 1, 0, 9, 13),
+            (8, 16, 3, 1, 1, 9, 13),
+            (8, 16, 3, 2, 1, 9, 13),
+            (3, 16, 7, 2, 3, 17, 22),
+            (64, 32, 3, 1, 1, 13, 14),
+            (130, 40, 3, 1, 1, 20, 17),
+        ] {
+            let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 0.1, (cout, cin, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+            let fused = |precision: Precision| {
+                FusedConv2d::with_options(&wt, &b, (s, p), precision.algorithm(), precision)
+            };
+            let (f32c, bf) = (
+                fused(Precision::F32).unwrap(),
+                fused(Precision::Bf16).unwrap(),
+            );
+            let a = f32c.forward(&x, None, false).unwrap();
+            let o = bf.forward(&x, None, false).unwrap();
+            let err = (&a - &o).unwrap().abs().unwrap().max_all().unwrap();
+            let scale = a.abs().unwrap().max_all().unwrap();
+            let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+            assert!(
+                rel < 1e-2,
+                "k{k} s{s} {cin}->{cout} {h}x{w}: bf16 rel err {rel}"
+            );
+        }
+    }
+
+    #[test]
     fn winograd_matches_direct() {
         let dev = Device::Cpu;
         for (h, w) in [(12, 17), (13, 16), (15, 11), (17, 9)] {
             let x = Tensor::randn(0f32, 1.0, (1, 128, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 0.05, (48, 128, 3, 3), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, 48, &dev).unwrap();
-            let direct = FusedConv2d::with_winograd(&wt, &b, 1, 1, false).unwrap();
+            let direct = FusedConv2d::with_algorithm(&wt, &b, 1, 1, Algorithm::Gemm).unwrap();
             assert!(direct.winograd.is_none());
             let d = direct.forward(&x, None, false).unwrap();
             let scale = d.abs().unwrap().max_all().unwrap();

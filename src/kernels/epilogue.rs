@@ -1,6 +1,8 @@
 //! The write-back of a convolution's products: bias, residual and ReLU applied as each band
 //! (or each Winograd tile, after its output transform) is stored.
 
+use std::ops::Range;
+
 use super::host::SyncPtr;
 use super::winograd::{at, TileGrid, LANES};
 
@@ -40,12 +42,12 @@ impl Epilogue<'_> {
         &self,
         m: &[f32],
         cout: usize,
-        n: usize,
-        t0: usize,
+        tiles: Range<usize>,
         grid: &TileGrid,
     ) {
+        let (t0, n) = (tiles.start, tiles.len());
         if T == 4 {
-            return self.write_winograd_per_tile::<T, M>(m, cout, n, t0, grid);
+            return self.write_winograd_per_tile::<T, M>(m, cout, tiles, grid);
         }
         for (co, &b) in self.bias.iter().enumerate().take(cout) {
             let mut j = 0;
@@ -111,10 +113,10 @@ impl Epilogue<'_> {
         &self,
         m: &[f32],
         cout: usize,
-        n: usize,
-        t0: usize,
+        tiles: Range<usize>,
         grid: &TileGrid,
     ) {
+        let (t0, n) = (tiles.start, tiles.len());
         for (co, &b) in self.bias.iter().enumerate().take(cout) {
             for j in 0..n {
                 // Aᵀ·M column by column, then ·A row by row.

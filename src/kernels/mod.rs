@@ -24,6 +24,7 @@ mod direct;
 mod epilogue;
 mod host;
 mod im2col;
+mod matmul;
 mod winograd;
 
 pub(crate) use backward::{

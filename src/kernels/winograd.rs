@@ -1,6 +1,8 @@
 //! Winograd's minimal filtering for 3×3 stride-1 convolutions (Lavin and Gray, 2016):
 //! F(2×2, 3×3) and F(4×4, 3×3): the transformed weights and the input and output transforms.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::host::SyncPtr;
@@ -146,18 +148,18 @@ pub(super) fn at<const T: usize, const M: usize>(m: [f32; T]) -> [f32; M] {
     o
 }
 
-/// V = Bᵀ·d·B for `n` tiles from `t0` of every channel, into `v` laid out `[T²][cin][n]`.
+/// V = Bᵀ·d·B for the `n` `tiles` of every channel, into `v` laid out `[T²][cin][n]`.
 pub(super) fn winograd_input<const T: usize, const M: usize>(
     x: &[f32],
     cin: usize,
     grid: &TileGrid,
-    t0: usize,
-    n: usize,
+    tiles: Range<usize>,
     v: &mut [f32],
 ) {
+    let (t0, n) = (tiles.start, tiles.len());
     if T == 4 {
         // F(2×2)'s transforms are a few additions: gathering into lanes costs more.
-        return winograd_input_per_tile::<T, M>(x, cin, grid, t0, n, v);
+        return winograd_input_per_tile::<T, M>(x, cin, grid, tiles, v);
     }
     let (hp, wp) = (grid.hp, grid.wp);
     for c in 0..cin {
@@ -209,10 +211,10 @@ fn winograd_input_per_tile<const T: usize, const M: usize>(
     x: &[f32],
     cin: usize,
     grid: &TileGrid,
-    t0: usize,
-    n: usize,
+    tiles: Range<usize>,
     v: &mut [f32],
 ) {
+    let (t0, n) = (tiles.start, tiles.len());
     let (hp, wp) = (grid.hp, grid.wp);
     for c in 0..cin {
         let plane = &x[c * hp * wp..][..hp * wp];

@@ -17,16 +17,11 @@ pub enum Conv {
 }
 
 impl Conv {
-    /// `relu?(conv(x) [+ residual])`.
-    pub fn forward_with(
-        &self,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        relu: bool,
-    ) -> Result<Tensor> {
+    /// `relu?(conv(x) [+ res])`, `res` being a residual of the output's shape.
+    pub fn forward_with(&self, x: &Tensor, res: Option<&Tensor>, relu: bool) -> Result<Tensor> {
         match self {
-            Conv::Fused(f) => f.forward(x, residual, relu),
-            Conv::Plain(c) => plain_forward(c, x, residual, relu),
+            Conv::Fused(f) => f.forward(x, res, relu),
+            Conv::Plain(c) => plain_forward(c, x, res, relu),
         }
     }
 
@@ -38,7 +33,7 @@ impl Conv {
         precision: Precision,
     ) -> Result<()> {
         self.fuse_with(scale_shift, |w, b, s, p| {
-            FusedConv2d::with_precision(w, b, s, p, precision)
+            FusedConv2d::with_options(w, b, (s, p), precision.algorithm(), precision)
         })
     }
 
@@ -98,7 +93,7 @@ fn plain_forward(
     conv2d_train_fused(x, c.weight(), cfg.stride, cfg.padding, bias, residual, relu)
 }
 
-/// A convolution ready to run on several inputs with the same weights (see [`Conv::prepare`]).
+/// A convolution ready to run on several inputs with the same weights (see [`Conv::prepare_with`]).
 #[derive(Debug)]
 pub enum PreparedConv<'a> {
     /// Runs as [`Conv::forward_with`].
@@ -109,9 +104,8 @@ pub enum PreparedConv<'a> {
 
 impl Conv {
     /// Prepares the kernels once for several inputs: a trainable convolution on the CPU then
-
-    /// [`Self::prepare`], a trainable convolution's forward running `algorithm` (see
-    /// [`TrainConv2d::with_algorithm`]).
+    /// packs its weights once per step instead of once per feature map, its forward running
+    /// `algorithm` (see [`TrainConv2d::with_algorithm`]).
     pub fn prepare_with(&self, algorithm: Algorithm) -> Result<PreparedConv<'_>> {
         let Conv::Plain(c) = self else {
             return Ok(PreparedConv::Direct(self));
@@ -132,16 +126,11 @@ impl Conv {
 }
 
 impl PreparedConv<'_> {
-    /// `relu?(conv(x) [+ residual])`.
-    pub fn forward_with(
-        &self,
-        x: &Tensor,
-        residual: Option<&Tensor>,
-        relu: bool,
-    ) -> Result<Tensor> {
+    /// As [`Conv::forward_with`].
+    pub fn forward_with(&self, x: &Tensor, res: Option<&Tensor>, relu: bool) -> Result<Tensor> {
         match self {
-            PreparedConv::Direct(c) => c.forward_with(x, residual, relu),
-            PreparedConv::Train(t) => t.forward(x, residual, relu),
+            PreparedConv::Direct(c) => c.forward_with(x, res, relu),
+            PreparedConv::Train(t) => t.forward(x, res, relu),
         }
     }
 }

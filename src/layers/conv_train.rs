@@ -77,7 +77,7 @@ pub fn conv2d_train_fused(
         Some(conv) if x.device().is_cpu() && x.dtype() == DType::F32 => {
             conv.forward(x, residual, relu)
         }
-        _ => candle_conv(x, w, stride, padding, bias, residual, relu),
+        _ => candle_conv(x, w, (stride, padding), bias, residual, relu),
     }
 }
 
@@ -270,8 +270,7 @@ fn constant(bias: TrainBias, cout: usize) -> Result<Vec<f32>> {
 fn candle_conv(
     x: &Tensor,
     w: &Tensor,
-    stride: usize,
-    padding: usize,
+    (stride, padding): (usize, usize),
     bias: TrainBias,
     residual: Option<&Tensor>,
     relu: bool,
