@@ -194,8 +194,14 @@ fn transformed_sums(
     (s, v, gy): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
     let (n, cin, cout, h, w, _, _) = d;
-    let grid = (h, w, h.div_ceil(2) * w.div_ceil(2));
-    let total = n * grid.2;
+    let channel = |data, c, channels| ChannelTiles {
+        data,
+        c,
+        channels,
+        h,
+        w,
+    };
+    let total = n * h.div_ceil(2) * w.div_ceil(2);
     for j0 in (0..total).step_by(chunk) {
         let len = chunk.min(total - j0);
         let (v, gy) = (
@@ -204,10 +210,10 @@ fn transformed_sums(
         );
         v.par_chunks_mut(tile_block(len))
             .enumerate()
-            .for_each(|(c, dst)| input_tiles(x, (c, cin), grid, (j0, len), dst));
+            .for_each(|(c, dst)| input_tiles(channel(x, c, cin), (j0, len), dst));
         gy.par_chunks_mut(tile_block(len))
             .enumerate()
-            .for_each(|(c, dst)| gradient_tiles(g, (c, cout), grid, (j0, len), dst));
+            .for_each(|(c, dst)| gradient_tiles(channel(g, c, cout), (j0, len), dst));
         let rs = tile_block(len);
         s.par_chunks_mut(cout * cin)
             .enumerate()
@@ -269,8 +275,28 @@ fn gt(u: [f32; 4]) -> [f32; 3] {
     [u[0] + p, m, p + u[3]]
 }
 
-/// `(h, w, tiles per image)` of a 2×2-tiled map.
-type TileMap = (usize, usize, usize);
+/// Channel `c` of an `(n, channels, h, w)` map, tiled 2×2.
+#[derive(Clone, Copy)]
+struct ChannelTiles<'a> {
+    data: &'a [f32],
+    c: usize,
+    channels: usize,
+    h: usize,
+    w: usize,
+}
+
+impl ChannelTiles<'_> {
+    /// The channel's plane in image `img`.
+    fn plane(&self, img: usize) -> &[f32] {
+        let hw = self.h * self.w;
+        &self.data[(img * self.channels + self.c) * hw..][..hw]
+    }
+
+    /// Tiles per image.
+    fn tiles(&self) -> usize {
+        self.h.div_ceil(2) * self.w.div_ceil(2)
+    }
+}
 
 /// Runs `f(img, ty, tx0, k, n_tx)` for each run of tiles `j0..j0 + len` (over the batch)
 /// that lies in one row of tiles: image, tile row, first tile column, index in the chunk
@@ -314,22 +340,15 @@ fn padded_rows(
 /// channels, h, w)` input `x`, each 4×4 input tile read from one row and column before its
 /// 2×2 output tile (zero outside), into `dst` laid out `[16][len | 1]`. A row of tiles at a
 /// time: Bᵀ down the columns of four padded input rows, then ·B along them.
-fn input_tiles(
-    x: &[f32],
-    (c, channels): (usize, usize),
-    (h, w, tiles): TileMap,
-    chunk: (usize, usize),
-    dst: &mut [f32],
-) {
+fn input_tiles(x: ChannelTiles, chunk: (usize, usize), dst: &mut [f32]) {
     let ld = chunk.1 | 1;
-    let tw = w.div_ceil(2);
+    let tw = x.w.div_ceil(2);
     let wp = 2 * tw + 2;
     let mut rows = vec![0f32; 4 * wp];
     let mut e = vec![0f32; 4 * wp];
-    tile_rows(chunk, tiles, tw, |img, ty, tx0, j, n_tx| {
-        let plane = &x[(img * channels + c) * h * w..][..h * w];
+    tile_rows(chunk, x.tiles(), tw, |img, ty, tx0, j, n_tx| {
         // Input rows 2·ty − 1 … 2·ty + 2, one column of padding on the left.
-        padded_rows(plane, w, ((2 * ty) as isize - 1, 1), wp, &mut rows);
+        padded_rows(x.plane(img), x.w, ((2 * ty) as isize - 1, 1), wp, &mut rows);
         let (r0, rest) = rows.split_at(wp);
         let (r1, rest) = rest.split_at(wp);
         let (r2, r3) = rest.split_at(wp);
@@ -364,21 +383,14 @@ fn input_tiles(
 
 /// Ŷ = A·∂Y·Aᵀ of channel `c` for the tiles `j0..j0 + len` of the `(n, channels, h, w)`
 /// output gradient `g` (zero past an odd edge), into `dst` laid out `[16][len | 1]`.
-fn gradient_tiles(
-    g: &[f32],
-    (c, channels): (usize, usize),
-    (h, w, tiles): TileMap,
-    chunk: (usize, usize),
-    dst: &mut [f32],
-) {
+fn gradient_tiles(g: ChannelTiles, chunk: (usize, usize), dst: &mut [f32]) {
     let ld = chunk.1 | 1;
-    let tw = w.div_ceil(2);
+    let tw = g.w.div_ceil(2);
     let wp = 2 * tw;
     let mut rows = vec![0f32; 2 * wp];
     let mut col = vec![0f32; wp];
-    tile_rows(chunk, tiles, tw, |img, ty, tx0, j, n_tx| {
-        let plane = &g[(img * channels + c) * h * w..][..h * w];
-        padded_rows(plane, w, ((2 * ty) as isize, 0), wp, &mut rows);
+    tile_rows(chunk, g.tiles(), tw, |img, ty, tx0, j, n_tx| {
+        padded_rows(g.plane(img), g.w, ((2 * ty) as isize, 0), wp, &mut rows);
         // A = [1 0; 1 1; 1 −1; 0 −1] down the columns, one row of A·∂Y at a time, then ·Aᵀ
         // along it: the tiles' values of one (r, cc) are contiguous in `dst`.
         let (r0, r1) = rows.split_at(wp);

@@ -273,7 +273,7 @@ impl FusedConv2d {
             |(v, m), b| {
                 let t0 = b * nt;
                 let n = nt.min(tiles - t0);
-                winograd_input::<T, M>(&padded, cin, &geo, t0..t0 + n, &mut v[..tt * cin * n]);
+                winograd_input::<T, M>(&padded, &geo, t0..t0 + n, &mut v[..tt * cin * n]);
                 for xi in 0..tt {
                     let lhs = &wg.u[xi * cout * cin..][..cout * cin];
                     let rhs = &v[xi * cin * n..][..cin * n];
@@ -281,7 +281,7 @@ impl FusedConv2d {
                     // SAFETY: lhs is cout × cin, rhs cin × n, dst cout × n.
                     unsafe { self.product(dst, n, false, (lhs, Lhs::Winograd(xi)), cin, rhs, n) };
                 }
-                epilogue.write_winograd::<T, M>(&m[..tt * cout * n], cout, t0..t0 + n, &geo);
+                epilogue.write_winograd::<T, M>(&m[..tt * cout * n], t0..t0 + n, &geo);
             },
         );
     }
@@ -512,6 +512,7 @@ impl CustomOp2 for ConvOp<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::max_abs;
     use candle_core::Device;
 
     fn check(cin: usize, cout: usize, k: usize, stride: usize, pad: usize, h: usize, w: usize) {
@@ -537,25 +538,13 @@ mod tests {
         let reference = candle(None, true);
         let ours = conv.forward(&x, None, true).unwrap();
         assert_eq!(ours.dims(), reference.dims());
-        let err = (&ours - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        let err = err.to_scalar::<f32>().unwrap();
+        let err = max_abs(&(&ours - &reference).unwrap());
         assert!(err < 1e-4, "k{k} s{stride} p{pad} {h}×{w}: {err}");
         // With a residual.
         let r = Tensor::randn(0f32, 1.0, ours.dims(), &dev).unwrap();
         let reference = candle(Some(&r), false);
         let ours = conv.forward(&x, Some(&r), false).unwrap();
-        let err = (&ours - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert!(err.to_scalar::<f32>().unwrap() < 1e-4);
+        assert!(max_abs(&(&ours - &reference).unwrap()) < 1e-4);
     }
 
     #[test]
@@ -602,9 +591,7 @@ mod tests {
             );
             let a = f32c.forward(&x, None, false).unwrap();
             let o = bf.forward(&x, None, false).unwrap();
-            let err = (&a - &o).unwrap().abs().unwrap().max_all().unwrap();
-            let scale = a.abs().unwrap().max_all().unwrap();
-            let rel = err.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap();
+            let rel = max_abs(&(&a - &o).unwrap()) / max_abs(&a);
             assert!(
                 rel < 1e-2,
                 "k{k} s{s} {cin}->{cout} {h}x{w}: bf16 rel err {rel}"
@@ -622,14 +609,12 @@ mod tests {
             let direct = FusedConv2d::with_algorithm(&wt, &b, 1, 1, Algorithm::Gemm).unwrap();
             assert!(direct.winograd.is_none());
             let d = direct.forward(&x, None, false).unwrap();
-            let scale = d.abs().unwrap().max_all().unwrap();
-            let scale = scale.to_scalar::<f32>().unwrap();
+            let scale = max_abs(&d);
             for (algorithm, bound) in [(Algorithm::Winograd2, 2e-6), (Algorithm::Winograd4, 2e-5)] {
                 let wino = FusedConv2d::with_algorithm(&wt, &b, 1, 1, algorithm).unwrap();
                 assert!(wino.winograd.is_some());
                 let a = wino.forward(&x, None, false).unwrap();
-                let err = (&a - &d).unwrap().abs().unwrap().max_all().unwrap();
-                let rel = err.to_scalar::<f32>().unwrap() / scale;
+                let rel = max_abs(&(&a - &d).unwrap()) / scale;
                 assert!(rel < bound, "{algorithm:?} {h}×{w}: rel err {rel}");
             }
         }

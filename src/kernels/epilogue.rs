@@ -37,19 +37,18 @@ impl Epilogue<'_> {
 }
 
 impl Epilogue<'_> {
-    /// Y = Aᵀ·M·A for every (cout, tile) of a band, then bias, residual and ReLU.
+    /// Y = Aᵀ·M·A for every (cout, tile) of a band of `tiles`, then bias, residual and ReLU.
     pub(super) fn write_winograd<const T: usize, const M: usize>(
         &self,
         m: &[f32],
-        cout: usize,
         tiles: Range<usize>,
         grid: &TileGrid,
     ) {
-        let (t0, n) = (tiles.start, tiles.len());
         if T == 4 {
-            return self.write_winograd_per_tile::<T, M>(m, cout, tiles, grid);
+            return self.write_winograd_per_tile::<T, M>(m, tiles, grid);
         }
-        for (co, &b) in self.bias.iter().enumerate().take(cout) {
+        let (cout, t0, n) = (self.bias.len(), tiles.start, tiles.len());
+        for (co, &b) in self.bias.iter().enumerate() {
             let mut j = 0;
             while j < n {
                 let lanes = LANES.min(n - j);
@@ -112,12 +111,11 @@ impl Epilogue<'_> {
     fn write_winograd_per_tile<const T: usize, const M: usize>(
         &self,
         m: &[f32],
-        cout: usize,
         tiles: Range<usize>,
         grid: &TileGrid,
     ) {
-        let (t0, n) = (tiles.start, tiles.len());
-        for (co, &b) in self.bias.iter().enumerate().take(cout) {
+        let (cout, t0, n) = (self.bias.len(), tiles.start, tiles.len());
+        for (co, &b) in self.bias.iter().enumerate() {
             for j in 0..n {
                 // Aᵀ·M column by column, then ·A row by row.
                 let mut am = [[0f32; T]; M];

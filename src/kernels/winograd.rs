@@ -148,20 +148,20 @@ pub(super) fn at<const T: usize, const M: usize>(m: [f32; T]) -> [f32; M] {
     o
 }
 
-/// V = Bᵀ·d·B for the `n` `tiles` of every channel, into `v` laid out `[T²][cin][n]`.
+/// V = Bᵀ·d·B for the `n` `tiles` of every channel of the padded planes `x`, into `v` laid
+/// out `[T²][cin][n]`.
 pub(super) fn winograd_input<const T: usize, const M: usize>(
     x: &[f32],
-    cin: usize,
     grid: &TileGrid,
     tiles: Range<usize>,
     v: &mut [f32],
 ) {
-    let (t0, n) = (tiles.start, tiles.len());
     if T == 4 {
         // F(2×2)'s transforms are a few additions: gathering into lanes costs more.
-        return winograd_input_per_tile::<T, M>(x, cin, grid, tiles, v);
+        return winograd_input_per_tile::<T, M>(x, grid, tiles, v);
     }
     let (hp, wp) = (grid.hp, grid.wp);
+    let (cin, t0, n) = (x.len() / (hp * wp), tiles.start, tiles.len());
     for c in 0..cin {
         let plane = &x[c * hp * wp..][..hp * wp];
         // LANES tiles at a time: gathered into lane arrays, the transforms vectorise across
@@ -209,13 +209,12 @@ pub(super) fn winograd_input<const T: usize, const M: usize>(
 /// [`winograd_input`] one tile at a time.
 fn winograd_input_per_tile<const T: usize, const M: usize>(
     x: &[f32],
-    cin: usize,
     grid: &TileGrid,
     tiles: Range<usize>,
     v: &mut [f32],
 ) {
-    let (t0, n) = (tiles.start, tiles.len());
     let (hp, wp) = (grid.hp, grid.wp);
+    let (cin, t0, n) = (x.len() / (hp * wp), tiles.start, tiles.len());
     for c in 0..cin {
         let plane = &x[c * hp * wp..][..hp * wp];
         for j in 0..n {

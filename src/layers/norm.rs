@@ -220,81 +220,86 @@ pub fn batch_norm_train(
             x.dims()
         );
     }
-    let fast = x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64);
-    if fast {
-        batch_norm_op(x, weight, bias, eps, residual, relu)
-    } else {
-        batch_norm_candle(x, weight, bias, eps, residual, relu)
-    }
-}
-
-/// The fused op on the CPU.
-fn batch_norm_op(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
-    eps: f64,
-    residual: Option<&Tensor>,
-    relu: bool,
-) -> Result<(Tensor, BatchStats)> {
-    let (n, _, h, w) = x.dims4()?;
-    let x = x.contiguous()?;
-    // Weight and bias travel as one `(2, C)` argument; Candle's stack routes its gradient back.
-    let wb = Tensor::stack(&[weight, bias], 0)?.to_dtype(x.dtype())?;
-    let stats = Arc::new(OnceLock::new());
-    let op = BatchNormOp {
+    let bn = TrainNorm {
+        weight,
+        bias,
         eps,
+        residual,
         relu,
-        stats: stats.clone(),
     };
-    let y = match residual {
-        Some(r) => x.apply_op3(&wb, &r.contiguous()?, op)?,
-        None => x.apply_op2(&wb, op)?,
-    };
-    let Some(s) = stats.get() else {
-        candle_core::bail!("batch norm: the op recorded no statistics");
-    };
-    let to_tensor = |v: &[f64]| Tensor::new(v, &Device::Cpu)?.to_dtype(x.dtype());
-    let stats = BatchStats {
-        mean: to_tensor(&s.mean)?,
-        var: to_tensor(&s.var)?,
-        count: n * h * w,
-    };
-    Ok((y, stats))
+    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        bn.fused(x)
+    } else {
+        bn.candle(x)
+    }
 }
 
-/// The same with Candle's ops (other devices and dtypes), differentiable through autograd.
-fn batch_norm_candle(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
+/// The arguments of [`batch_norm_train`] besides its input.
+#[derive(Clone, Copy)]
+struct TrainNorm<'a> {
+    weight: &'a Tensor,
+    bias: &'a Tensor,
     eps: f64,
-    residual: Option<&Tensor>,
+    residual: Option<&'a Tensor>,
     relu: bool,
-) -> Result<(Tensor, BatchStats)> {
-    let (n, c, h, w) = x.dims4()?;
-    let mean = x.mean_keepdim((0, 2, 3))?;
-    let centred = x.broadcast_sub(&mean)?;
-    let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
-    let scale = (&var + eps)?
-        .sqrt()?
-        .recip()?
-        .broadcast_mul(&weight.reshape((1, c, 1, 1))?)?;
-    let mut y = centred
-        .broadcast_mul(&scale)?
-        .broadcast_add(&bias.reshape((1, c, 1, 1))?)?;
-    if let Some(r) = residual {
-        y = (y + r)?;
+}
+
+impl TrainNorm<'_> {
+    /// The fused op on the CPU.
+    fn fused(self, x: &Tensor) -> Result<(Tensor, BatchStats)> {
+        let (n, _, h, w) = x.dims4()?;
+        let x = x.contiguous()?;
+        // Weight and bias travel as one `(2, C)` argument; Candle's stack routes its gradient
+        // back.
+        let wb = Tensor::stack(&[self.weight, self.bias], 0)?.to_dtype(x.dtype())?;
+        let stats = Arc::new(OnceLock::new());
+        let op = BatchNormOp {
+            eps: self.eps,
+            relu: self.relu,
+            stats: stats.clone(),
+        };
+        let y = match self.residual {
+            Some(r) => x.apply_op3(&wb, &r.contiguous()?, op)?,
+            None => x.apply_op2(&wb, op)?,
+        };
+        let Some(s) = stats.get() else {
+            candle_core::bail!("batch norm: the op recorded no statistics");
+        };
+        let to_tensor = |v: &[f64]| Tensor::new(v, &Device::Cpu)?.to_dtype(x.dtype());
+        let stats = BatchStats {
+            mean: to_tensor(&s.mean)?,
+            var: to_tensor(&s.var)?,
+            count: n * h * w,
+        };
+        Ok((y, stats))
     }
-    if relu {
-        y = y.relu()?;
+
+    /// The same with Candle's ops (other devices and dtypes), differentiable through autograd.
+    fn candle(self, x: &Tensor) -> Result<(Tensor, BatchStats)> {
+        let (n, c, h, w) = x.dims4()?;
+        let mean = x.mean_keepdim((0, 2, 3))?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred.sqr()?.mean_keepdim((0, 2, 3))?;
+        let scale = (&var + self.eps)?
+            .sqrt()?
+            .recip()?
+            .broadcast_mul(&self.weight.reshape((1, c, 1, 1))?)?;
+        let mut y = centred
+            .broadcast_mul(&scale)?
+            .broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+        if let Some(r) = self.residual {
+            y = (y + r)?;
+        }
+        if self.relu {
+            y = y.relu()?;
+        }
+        let stats = BatchStats {
+            mean: mean.flatten_all()?.detach(),
+            var: var.flatten_all()?.detach(),
+            count: n * h * w,
+        };
+        Ok((y, stats))
     }
-    let stats = BatchStats {
-        mean: mean.flatten_all()?.detach(),
-        var: var.flatten_all()?.detach(),
-        count: n * h * w,
-    };
-    Ok((y, stats))
 }
 
 #[cfg(test)]
@@ -342,12 +347,20 @@ mod tests {
         let r = Var::from_tensor(&seeded(&shape, 2.0, 0.0, 4)).unwrap();
         let g = seeded(&shape, 2.0, 0.1, 5);
         let res = residual.then(|| r.as_tensor());
-        let f = if candle {
-            batch_norm_candle
+        let (x_, w_, b_) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let (y, stats) = if candle {
+            let bn = TrainNorm {
+                weight: w_,
+                bias: b_,
+                eps: 1e-5,
+                residual: res,
+                relu,
+            };
+            bn.candle(x_)
         } else {
-            batch_norm_train
-        };
-        let (y, stats) = f(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5, res, relu).unwrap();
+            batch_norm_train(x_, w_, b_, 1e-5, res, relu)
+        }
+        .unwrap();
         let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let mut out = vec![x.as_tensor(), w.as_tensor(), b.as_tensor()];
         if residual {
