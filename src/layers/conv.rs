@@ -78,7 +78,7 @@ impl Conv {
     }
 }
 
-/// A differentiable convolution with its bias, residual and ReLU fused (see [`train`]).
+/// A differentiable convolution with its bias, residual and ReLU fused (see [`conv2d_train_fused`]).
 fn plain_forward(
     c: &candle_nn::Conv2d,
     x: &Tensor,

@@ -120,7 +120,7 @@ impl TrainConv2d {
 
     /// [`Self::new`] with the algorithm of the forward's stride-1 3×3 products. Winograd's
     /// rounding there reaches the activations, and through them every gradient below, so
-    /// it is chosen per layer (as [`crate::model::head`] does). Measured with F(2×2, 3×3) in train
+    /// it is chosen per layer (as the head does). Measured with F(2×2, 3×3) in train
     /// parity: in the v1 head, float32 gradients stayed as close to float64 as with direct
     /// products (1.1e-6). Everywhere, they moved 40× further (4.7e-5): backbone kernels
     /// carry folded frozen batch-norm scales and cancel against large shifts. In v2's FPN

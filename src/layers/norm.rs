@@ -1,6 +1,8 @@
-//! The pieces a backbone needs to train from scratch, as torchvision's `nn.BatchNorm2d` in
-//! training mode and `nn.MaxPool2d(3, 2, 1)` with its backward.
+//! Batch norm, frozen (torchvision's `FrozenBatchNorm2d`, the default with pretrained weights)
+//! and in training mode (`nn.BatchNorm2d` under `model.train()`, to train from scratch).
 //!
+//! - [`FrozenBatchNorm2d`]: `y = x · scale + shift` with constants folded from the
+//!   checkpoint's four buffers.
 //! - [`BatchNorm2dTrain`]: batch norm whose forward in training normalises with the batch's
 //!   statistics over (N, H, W) (biased variance), with a learned scale and shift, and whose
 //!   running statistics move towards the batch's (momentum 0.1, unbiased variance) once per
@@ -8,12 +10,8 @@
 //!   batch norm.
 //! - [`batch_norm_train`]: that normalisation with the residual sum and the ReLU of a ResNet
 //!   block fused in, as one op whose hand-written backward keeps a single saved tensor.
-//! - [`max_pool_3x3_s2_p1_train`]: the stem's max pool with a backward that routes each output
-//!   gradient to its window's maximum (the first in row-major order among ties, the last NaN
-//!   if any, as PyTorch).
 //!
-//! The ops run on f32 and f64 CPU tensors; other devices run Candle's ops (batch norm) or a
-//! round trip through the host (max pool).
+//! The fused op runs on f32 and f64 CPU tensors; other devices and dtypes run Candle's ops.
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -22,6 +20,7 @@ use candle_nn::VarBuilder;
 
 use crate::kernels::BatchNormOp;
 
+/// Frozen batch norm: `y = x · scale + shift` with per-channel constants.
 #[derive(Debug, Clone)]
 pub struct FrozenBatchNorm2d {
     /// Per-channel scale `(1, C, 1, 1)`.

@@ -4,8 +4,9 @@
 //! Batch norm is frozen: each `bn` becomes a per-channel scale and shift computed once from
 //! the checkpoint's four buffers, as torchvision's `FrozenBatchNorm2d` does. A norm whose
 //! weight is a variable (the training parameter store serves it so when batch norm trains,
-//! see [`crate::train::BackboneNorm`]) is a [`crate::layers::norm::BatchNorm2dTrain`] instead: batch statistics in
-//! a training forward ([`ResNet::forward_t`]), running statistics otherwise.
+//! see [`crate::train::BackboneNorm`]) is a [`crate::layers::norm::BatchNorm2dTrain`]
+//! instead: batch statistics in a training forward ([`ResNet::forward_t`]), running
+//! statistics otherwise.
 
 use candle_core::{Result, Tensor};
 use candle_nn::{conv2d_no_bias, Conv2dConfig, VarBuilder};
@@ -155,11 +156,6 @@ impl ConvBn {
             Conv::Plain(c) => !c.weight().track_op(),
             Conv::Fused(_) => true,
         }
-    }
-
-    /// Whether [`ConvBn::fuse`] switched this layer to the fast inference path.
-    pub fn is_fused(&self) -> bool {
-        matches!(self.conv, Conv::Fused(_))
     }
 
     /// As [`ConvBn::fuse`] for a frozen layer of a model in training (see
