@@ -82,9 +82,6 @@ impl Norm {
     }
 }
 
-/// A bias-free convolution followed by batch norm (`convN` + `bnN`, or `downsample.0` +
-/// `downsample.1`). [`ConvBn::fuse`] folds the norm into the convolution.
-
 /// Weight of the batch's statistics in each update of the running ones (torchvision's 0.1).
 pub const BN_MOMENTUM: f64 = 0.1;
 
