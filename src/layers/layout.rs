@@ -84,7 +84,7 @@ impl CustomOp1 for Transpose {
 }
 
 /// Nearest upsampling to `(h, w)`, as torchvision's `F.interpolate(size=…)`. An exact 2×
-/// (always the case for batches padded to a multiple of 32) is [`Upsample2x`] for f32 on the
+/// (always the case for batches padded to a multiple of 32) is one parallel op for f32 on the
 /// CPU and elsewhere reshape and broadcast: the same values, and correct gradients, whereas
 /// Candle's `upsample_nearest2d` backward overwrites the gradient already accumulated for
 /// its input.
