@@ -3,6 +3,8 @@
 //! activations to 8 significant bits (relative error 2⁻⁹ per operand). Opt-in through
 //! [`super::Precision::Bf16`]; other CPUs keep the f32 products.
 
+use super::winograd::Winograd;
+
 /// Whether this CPU runs the bf16 products.
 pub fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -171,6 +173,57 @@ mod x86 {
                 let old = _mm512_maskz_loadu_ps(mask, d);
                 _mm512_mask_storeu_ps(d, mask, _mm512_add_ps(old, v));
             }
+        }
+    }
+}
+
+/// Which constant operand a product multiplies by.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Lhs {
+    /// Kernel tap `t` (stride-1 convolutions), `cout × cin`.
+    Tap(usize),
+    /// The whole kernel in im2col order (strided convolutions), `cout × cin·k·k`.
+    Im2col,
+    /// Winograd position `ξ`, `cout × cin`.
+    Winograd(usize),
+}
+
+/// The bf16 forms of a convolution's constant operands.
+#[derive(Debug, Clone)]
+pub(super) struct Bf16Weights {
+    taps: Vec<PackedA>,
+    im2col: Option<PackedA>,
+    winograd: Vec<PackedA>,
+}
+
+impl Bf16Weights {
+    /// From the f32 packing (`[tap][cout][cin]` for stride 1, `[cout][cin·k·k]` otherwise)
+    /// and the Winograd weights.
+    pub(super) fn new(
+        packed: &[f32],
+        wg: Option<&Winograd>,
+        (cout, cin, k, stride): (usize, usize, usize, usize),
+    ) -> Self {
+        let per = |v: &[f32]| {
+            v.chunks_exact(cout * cin)
+                .map(|m| PackedA::new(m, cout, cin))
+                .collect()
+        };
+        Self {
+            taps: if stride == 1 { per(packed) } else { Vec::new() },
+            im2col: (stride != 1).then(|| PackedA::new(packed, cout, cin * k * k)),
+            winograd: wg.map_or_else(Vec::new, |w| per(&w.u)),
+        }
+    }
+
+    pub(super) fn get(&self, which: Lhs) -> &PackedA {
+        match which {
+            Lhs::Tap(t) => &self.taps[t],
+            Lhs::Im2col => self
+                .im2col
+                .as_ref()
+                .expect("strided convolutions pack im2col"),
+            Lhs::Winograd(xi) => &self.winograd[xi],
         }
     }
 }

@@ -4,14 +4,16 @@
 //! Batch norm is frozen: each `bn` becomes a per-channel scale and shift computed once from
 //! the checkpoint's four buffers, as torchvision's `FrozenBatchNorm2d` does. A norm whose
 //! weight is a variable (the training parameter store serves it so when batch norm trains,
-//! see [`crate::train::BackboneNorm`]) is a [`BatchNorm2dTrain`] instead: batch statistics in
-//! a training forward ([`ResNet::forward_t`]), running statistics otherwise.
+//! see [`crate::train::BackboneNorm`]) is a [`crate::layers::norm::BatchNorm2dTrain`]
+//! instead: batch statistics in a training forward ([`ResNet::forward_t`]), running
+//! statistics otherwise.
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 use candle_nn::{conv2d_no_bias, Conv2dConfig, VarBuilder};
 
-use crate::layers::norm::{max_pool_3x3_s2_p1_train, BatchNorm2dTrain};
-use crate::kernels::{conv2d_train, conv2d_train_fused, Conv, Precision, TrainBias};
+use crate::layers::conv::{conv2d_train, conv2d_train_fused, Conv, Precision, TrainBias};
+use crate::layers::norm::Norm;
+use crate::layers::pool::max_pool_3x3_s2_p1;
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,72 +68,6 @@ impl ResNetConfig {
     pub fn out_channels(&self) -> [usize; 3] {
         let e = self.block.expansion();
         [128 * e, 256 * e, 512 * e]
-    }
-}
-
-/// Frozen batch norm: `y = x · scale + shift` with per-channel constants.
-#[derive(Debug, Clone)]
-pub struct FrozenBatchNorm2d {
-    /// Per-channel scale `(1, C, 1, 1)`.
-    pub scale: Tensor,
-    /// Per-channel shift `(1, C, 1, 1)`.
-    pub shift: Tensor,
-}
-
-impl FrozenBatchNorm2d {
-    /// Reads `weight`, `bias`, `running_mean`, `running_var` and folds them with `eps`.
-    pub fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        Self::with_weight(vb.get(channels, "weight")?, eps, vb)
-    }
-
-    /// As [`FrozenBatchNorm2d::new`] with the weight already read.
-    fn with_weight(weight: Tensor, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let channels = weight.elem_count();
-        let bias = vb.get(channels, "bias")?;
-        let mean = vb.get(channels, "running_mean")?;
-        let var = vb.get(channels, "running_var")?;
-        // As torchvision: scale = w · (var + eps)^-½, shift = b − mean · scale.
-        let scale = (weight * (var + eps)?.sqrt()?.recip()?)?;
-        let shift = (bias - (mean * &scale)?)?;
-        Ok(Self {
-            scale: scale.reshape((1, channels, 1, 1))?,
-            shift: shift.reshape((1, channels, 1, 1))?,
-        })
-    }
-}
-
-impl Module for FrozenBatchNorm2d {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.broadcast_mul(&self.scale)?.broadcast_add(&self.shift)
-    }
-}
-
-/// The batch norm after a backbone convolution.
-#[derive(Debug, Clone)]
-enum Norm {
-    /// Fixed statistics and affine.
-    Frozen(FrozenBatchNorm2d),
-    /// Trained: batch statistics in training.
-    Train(BatchNorm2dTrain),
-}
-
-impl Norm {
-    /// Reads a frozen norm, or a trained one when its weight is a variable.
-    fn new(channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        let weight = vb.get(channels, "weight")?;
-        Ok(if weight.is_variable() {
-            Norm::Train(BatchNorm2dTrain::new(channels, eps, vb)?)
-        } else {
-            Norm::Frozen(FrozenBatchNorm2d::with_weight(weight, eps, vb)?)
-        })
-    }
-
-    /// The per-channel `(scale, shift)` of evaluation mode, `(1, C, 1, 1)` each.
-    fn scale_shift(&self) -> Result<(Tensor, Tensor)> {
-        match self {
-            Norm::Frozen(bn) => Ok((bn.scale.clone(), bn.shift.clone())),
-            Norm::Train(bn) => bn.scale_shift(),
-        }
     }
 }
 
@@ -220,11 +156,6 @@ impl ConvBn {
             Conv::Plain(c) => !c.weight().track_op(),
             Conv::Fused(_) => true,
         }
-    }
-
-    /// Whether [`ConvBn::fuse`] switched this layer to the fast inference path.
-    pub fn is_fused(&self) -> bool {
-        matches!(self.conv, Conv::Fused(_))
     }
 
     /// As [`ConvBn::fuse`] for a frozen layer of a model in training (see
@@ -415,14 +346,8 @@ impl ResNet {
     /// (torchvision's `model.train()`), to be applied with [`ResNet::update_running_stats`].
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Vec<Tensor>> {
         let x = self.stem.forward_t(x, None, true, train)?;
-        let mut x = if self.stem.is_fused() {
-            crate::kernels::max_pool_3x3_s2_p1(&x)?
-        } else if x.track_op() {
-            // A trained stem: the pool's gradient must reach it.
-            max_pool_3x3_s2_p1_train(&x)?
-        } else {
-            max_pool_3x3_s2_p1(&x)?
-        };
+        // A trained stem's output is tracked: the pool's gradient reaches it.
+        let mut x = max_pool_3x3_s2_p1(&x)?;
         let mut out = Vec::with_capacity(3);
         for (i, layer) in self.layers.iter().enumerate() {
             for block in layer {
@@ -434,13 +359,4 @@ impl ResNet {
         }
         Ok(out)
     }
-}
-
-/// `MaxPool2d(3, stride 2, padding 1)`. Candle's pool has no padding: replicate-padding
-/// gives the same maxima as PyTorch's implicit −∞ padding.
-fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
-    let x = x
-        .pad_with_same(D::Minus1, 1, 1)?
-        .pad_with_same(D::Minus2, 1, 1)?;
-    x.max_pool2d_with_stride(3, 2)
 }

@@ -6,7 +6,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2dConfig, GroupNorm, VarBuilder};
 
-use crate::kernels::{Algorithm, Conv, Precision, PreparedConv};
+use crate::layers::conv::{Algorithm, Conv, Precision, PreparedConv};
+use crate::layers::layout::channels_last;
 
 /// One conv of a subnet's trunk: `conv.{i}.0` and, in v2, GroupNorm `conv.{i}.1`.
 #[derive(Debug, Clone)]
@@ -91,7 +92,7 @@ impl Subnet {
         let n = y.dim(0)?;
         let k = self.outputs_per_anchor;
         // (N, A·K, H, W) → (N, H, W, A·K) = (N, H·W·A, K).
-        crate::kernels::channels_last(&y)?.reshape((n, (), k))
+        channels_last(&y)?.reshape((n, (), k))
     }
 
     /// The forward algorithm of the trainable 3×3 convolutions. Without normalisation (v1),
