@@ -39,6 +39,8 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+/// The window of a source image a tile or crop covers (the type tiled inference uses).
+pub use crate::tiling::Region;
 pub use augment::{
     augment, crop_boxes, AugmentConfig, Augmented, CropConfig, Rng, TileConfig, TileStats,
 };
@@ -247,19 +249,6 @@ impl fmt::Display for Warning {
         }
         write!(f, ": {}", self.message)
     }
-}
-
-/// A window of a source image, in its pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Region {
-    /// Left edge.
-    pub x: u32,
-    /// Top edge.
-    pub y: u32,
-    /// Width.
-    pub width: u32,
-    /// Height.
-    pub height: u32,
 }
 
 /// One annotated image (or one tile of an image).
