@@ -131,40 +131,31 @@ pub fn batched_nms(
         return Vec::new();
     }
     if boxes.len() * 4 <= 4000 {
-        batched_nms_offset(boxes, scores, labels, iou_threshold)
+        nms(&offset_by_class(boxes, labels), scores, iou_threshold)
     } else {
-        batched_nms_per_class(boxes, scores, labels, iou_threshold)
+        per_class_nms(boxes, scores, labels, iou_threshold)
     }
 }
 
-fn batched_nms_offset(
-    boxes: &[[f32; 4]],
-    scores: &[f32],
-    labels: &[usize],
-    iou_threshold: f64,
-) -> Vec<usize> {
+/// Boxes moved apart by class, so that boxes of different classes never overlap.
+fn offset_by_class(boxes: &[[f32; 4]], labels: &[usize]) -> Vec<[f32; 4]> {
     let max_coord = boxes
         .iter()
         .flatten()
         .copied()
         .fold(f32::NEG_INFINITY, f32::max);
-    let shifted: Vec<[f32; 4]> = boxes
+    boxes
         .iter()
         .zip(labels)
         .map(|(b, &l)| {
             let offset = l as f32 * (max_coord + 1.0);
             b.map(|v| v + offset)
         })
-        .collect();
-    nms(&shifted, scores, iou_threshold)
+        .collect()
 }
 
-fn batched_nms_per_class(
-    boxes: &[[f32; 4]],
-    scores: &[f32],
-    labels: &[usize],
-    iou_threshold: f64,
-) -> Vec<usize> {
+/// NMS of each class on its own; kept indices by decreasing score.
+fn per_class_nms(boxes: &[[f32; 4]], scores: &[f32], labels: &[usize], iou: f64) -> Vec<usize> {
     let num_labels = labels.iter().max().map_or(0, |m| m + 1);
     let mut by_label: Vec<Vec<usize>> = vec![Vec::new(); num_labels];
     for (i, &l) in labels.iter().enumerate() {
@@ -174,7 +165,7 @@ fn batched_nms_per_class(
     for idx in by_label.iter().filter(|v| !v.is_empty()) {
         let b: Vec<[f32; 4]> = idx.iter().map(|&i| boxes[i]).collect();
         let s: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
-        keep.extend(nms(&b, &s, iou_threshold).into_iter().map(|k| idx[k]));
+        keep.extend(nms(&b, &s, iou).into_iter().map(|k| idx[k]));
     }
     // torchvision: kept indices in index order, then sorted by score.
     keep.sort_unstable();
@@ -245,8 +236,8 @@ mod tests {
             .collect();
         let scores: Vec<f32> = (0..1200).map(|i| ((i * 7919) % 1200) as f32).collect();
         let labels: Vec<usize> = (0..1200).map(|i| (i / 40 + i % 2) % 3).collect();
-        let a = batched_nms_offset(&boxes, &scores, &labels, 0.5);
-        let b = batched_nms_per_class(&boxes, &scores, &labels, 0.5);
+        let a = nms(&offset_by_class(&boxes, &labels), &scores, 0.5);
+        let b = per_class_nms(&boxes, &scores, &labels, 0.5);
         assert!(a.len() > 100 && a.len() < 1200, "{}", a.len());
         assert_eq!(a, b);
     }

@@ -180,13 +180,8 @@ fn image_sample(
         }
     };
     Ok(Some(Sample {
-        image_path: path,
-        width: size.0,
-        height: size.1,
-        boxes: Vec::new(),
-        labels: Vec::new(),
-        region: None,
         image_id: Some(image.id),
+        ..Sample::unannotated(path, size.0, size.1)
     }))
 }
 

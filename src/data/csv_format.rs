@@ -42,20 +42,7 @@ pub(super) fn load(path: &Path, opts: &LoadOpts) -> Result<Dataset> {
     let built = par_map_ordered(&images, |image| {
         build_sample(path, &root, image, &class_names, opts)
     })?;
-    let mut samples = Vec::new();
-    let mut warnings = Vec::new();
-    for (sample, report) in built {
-        samples.extend(sample);
-        warnings.extend(report.warnings);
-    }
-    Ok(Dataset {
-        samples,
-        class_names,
-        category_ids: None,
-        warnings,
-        format: Format::Csv,
-        source: path.to_path_buf(),
-    })
+    Ok(Dataset::from_built(Format::Csv, path, class_names, built))
 }
 
 fn read_rows(path: &Path) -> Result<Vec<ImageRows>> {
@@ -143,15 +130,7 @@ fn build_sample(
     let Some((width, height)) = image_size(&path, &mut report, file, first)? else {
         return Ok((None, report));
     };
-    let mut sample = Sample {
-        image_path: path,
-        width,
-        height,
-        boxes: Vec::new(),
-        labels: Vec::new(),
-        region: None,
-        image_id: None,
-    };
+    let mut sample = Sample::unannotated(path, width, height);
     for row in &image.rows {
         let Some((raw, name)) = &row.bbox else {
             continue;

@@ -271,6 +271,19 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// A whole image of `width × height` pixels, without boxes yet.
+    fn unannotated(image_path: PathBuf, width: u32, height: u32) -> Self {
+        Self {
+            image_path,
+            width,
+            height,
+            boxes: Vec::new(),
+            labels: Vec::new(),
+            region: None,
+            image_id: None,
+        }
+    }
+
     /// Decodes the image (and crops the region, for a tile) as RGB.
     pub fn load_image(&self) -> Result<image::RgbImage> {
         let image = decode_rgb(&self.image_path)?;
@@ -342,6 +355,30 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// A dataset of per-image results in image order (the loaders' `build_sample`s), their
+    /// warnings gathered in the same order; no COCO category ids.
+    fn from_built(
+        format: Format,
+        source: &Path,
+        class_names: Vec<String>,
+        built: Vec<(Option<Sample>, Report)>,
+    ) -> Self {
+        let mut samples = Vec::new();
+        let mut warnings = Vec::new();
+        for (sample, report) in built {
+            samples.extend(sample);
+            warnings.extend(report.warnings);
+        }
+        Self {
+            samples,
+            class_names,
+            category_ids: None,
+            warnings,
+            format,
+            source: source.to_path_buf(),
+        }
+    }
+
     /// Number of classes `K` (the model's `num_classes`).
     pub fn num_classes(&self) -> usize {
         self.class_names.len()

@@ -454,21 +454,15 @@ mod tests {
     use super::*;
 
     fn small_gt() -> GroundTruth {
-        let cats = vec![
-            Category {
-                id: 1,
-                name: "a".into(),
-            },
-            Category {
-                id: 3,
-                name: "b".into(),
-            },
-        ];
+        let cats = [(1, "a"), (3, "b")].map(|(id, name)| Category {
+            id,
+            name: name.into(),
+        });
         let anns = vec![
             GtBox::new(1, 10, 1, [0.0, 0.0, 10.0, 10.0]),
             GtBox::new(2, 11, 3, [5.0, 5.0, 50.0, 40.0]),
         ];
-        GroundTruth::new([10, 11, 12], cats, anns).unwrap()
+        GroundTruth::new([10, 11, 12], cats.to_vec(), anns).unwrap()
     }
 
     #[test]
