@@ -271,6 +271,14 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// The image file's path, with the tile's position for a tile (for messages).
+    pub fn name(&self) -> String {
+        match self.region {
+            Some(r) => format!("{} at ({}, {})", self.image_path.display(), r.x, r.y),
+            None => self.image_path.display().to_string(),
+        }
+    }
+
     /// A whole image of `width × height` pixels, without boxes yet.
     fn unannotated(image_path: PathBuf, width: u32, height: u32) -> Self {
         Self {

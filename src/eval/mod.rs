@@ -26,6 +26,8 @@ use std::path::PathBuf;
 
 use rayon::prelude::*;
 
+use crate::boxes::xyxy_to_xywh;
+
 use accumulate::{accumulate, assemble, summarize, Accumulated};
 use matching::{category_ranges, evaluate_cells, group_cells};
 
@@ -258,6 +260,10 @@ impl GtBox {
 }
 
 /// One detection, as an entry of a COCO results file.
+///
+/// It stays a type apart from the model's [`crate::Detection`] (a box `[x1, y1, x2, y2]` in
+/// f32 and a class index, within one image): pycocotools reads image ids, category ids and
+/// `[x, y, w, h]` in doubles. [`Detection::from_model`] converts.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Detection {
     /// The image it was found in.
@@ -279,6 +285,13 @@ impl Detection {
             bbox,
             score,
         }
+    }
+
+    /// The results entry of a model's detection on image `image_id`, its label taken as the
+    /// category id; the width and height are computed in f64 from the f32 corners.
+    pub fn from_model(image_id: i64, det: &crate::Detection) -> Self {
+        let bbox = xyxy_to_xywh(det.bbox.map(f64::from));
+        Self::new(image_id, det.label as i64, bbox, f64::from(det.score))
     }
 }
 
@@ -510,6 +523,17 @@ mod tests {
         ));
         assert!(e.pr_curve(10, 1, AreaRange::All, 100).is_err());
         assert!(e.mean_pr_curve(0, AreaRange::All, 5).is_err());
+    }
+
+    #[test]
+    fn model_detections_become_coco_entries() {
+        let det = crate::Detection {
+            bbox: [1.5, 2.0, 11.25, 32.0],
+            score: 0.75,
+            label: 3,
+        };
+        let d = Detection::from_model(12, &det);
+        assert_eq!(d, Detection::new(12, 3, [1.5, 2.0, 9.75, 30.0], 0.75));
     }
 
     #[test]

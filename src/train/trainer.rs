@@ -39,16 +39,7 @@ use crate::model::matcher::Matcher;
 use crate::model::{RawOutput, RetinaNet, RetinaNetConfig};
 use crate::{Error, Result};
 
-/// The ground truth of one image, in original-image pixels.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Target {
-    /// An id for messages (file name, COCO id…).
-    pub id: String,
-    /// Boxes `[x1, y1, x2, y2]`, with x1 < x2 and y1 < y2; empty for an image of background.
-    pub boxes: Vec<[f32; 4]>,
-    /// Class index of each box, below the model's class count.
-    pub labels: Vec<usize>,
-}
+pub use crate::data::Target;
 
 /// Training settings.
 #[derive(Debug, Clone, PartialEq)]
