@@ -7,7 +7,9 @@
 //! Tiles have the same size (the last row and column are moved back to end at the image's
 //! edge), so a batch of tiles needs no padding: with one tile per batch each tile's
 //! detections equal those of the tile cropped and run alone, with larger batches they match
-//! up to the float rounding of the batched convolutions.
+//! up to the float rounding of the batched convolutions. Training tiles
+//! ([`crate::data::Dataset::tile`]) are placed by the same [`tile_windows`], so a model trains
+//! on the windows it will detect in.
 
 use image::RgbImage;
 
@@ -242,7 +244,7 @@ mod tests {
                 assert_eq!(starts.last().unwrap() + size.min(len), len, "{len} {size}");
                 for pair in starts.windows(2) {
                     assert!(pair[0] < pair[1]);
-                    // Rounding the starts may take one pixel off the overlap.
+                    // Neighbours share at least the overlap (the check allows a pixel of slack).
                     assert!(
                         pair[0] + size >= pair[1] + overlap.saturating_sub(1),
                         "{len} {size} {overlap}: {starts:?}"

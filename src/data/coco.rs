@@ -220,8 +220,7 @@ fn add_annotation(
         );
         return report.warn(file, None, WarningKind::UnknownClass, msg);
     };
-    let [x, y, w, h] = ann.bbox;
-    let raw = [x, y, x + w, y + h];
+    let raw = crate::boxes::xywh_to_xyxy(ann.bbox);
     if let Some(b) = validate_box(raw, sample.width, sample.height, report, file, None, &what)? {
         sample.boxes.push(b);
         sample.labels.push(label);

@@ -614,13 +614,7 @@ fn validate_box(
         report.warn(file, line, WarningKind::EmptyBox, msg)?;
         return Ok(None);
     }
-    let (w, h) = (width as f32, height as f32);
-    let clipped = [
-        x1.clamp(0.0, w),
-        y1.clamp(0.0, h),
-        x2.clamp(0.0, w),
-        y2.clamp(0.0, h),
-    ];
+    let clipped = crate::boxes::clip(raw, height as f32, width as f32);
     if clipped[2] <= clipped[0] || clipped[3] <= clipped[1] {
         let msg = format!("{what}: box {shown} lies outside the {width}x{height} image, skipped");
         report.warn(file, line, WarningKind::EmptyBox, msg)?;
