@@ -40,7 +40,7 @@ pub(super) fn load(path: &Path, opts: &LoadOpts) -> Result<Dataset> {
         .clone()
         .unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf());
     let built = par_map_ordered(&images, |image| {
-        build_sample(path, &root, image, &class_names, opts)
+        build_sample(path, &root, image, &class_names, opts.strict)
     })?;
     Ok(Dataset::from_built(Format::Csv, path, class_names, built))
 }
@@ -119,9 +119,9 @@ fn build_sample(
     root: &Path,
     image: &ImageRows,
     class_names: &[String],
-    opts: &LoadOpts,
+    strict: bool,
 ) -> Result<(Option<Sample>, Report)> {
-    let mut report = Report::new(opts.strict);
+    let mut report = Report::new(strict);
     // Image problems are reported at the image's first row.
     let first = image.rows.first().map(|r| r.line);
     let Some(path) = resolve_image(root, &image.name, &mut report, file, first)? else {
