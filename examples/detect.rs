@@ -20,8 +20,8 @@ use candle_core::Device;
 use clap::{Parser, ValueEnum};
 use image::{Rgb, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
-use retinanet::io::hub::{write_atomic, HubOptions};
 use retinanet::kernels::Precision;
+use retinanet::io::hub::{write_atomic, HubOptions};
 use retinanet::tiling::{detect_tiled, TileConfig};
 use retinanet::{zoo, Detection, LoadOptions, PostProcessConfig, RetinaNet, TransformConfig};
 use serde::Serialize;
@@ -446,13 +446,12 @@ fn load_model(args: &Args, device: &Device) -> Result<RetinaNet> {
         None if args.model.starts_with("hf:") => {
             let hub = HubOptions::from_env()?;
             let (repo, revision, file) = parse_hf(&args.model)?;
-            let path =
-                retinanet::io::hub::fetch_hf(repo, revision, file, None, &hub).map_err(|e| {
-                    anyhow!(
+            let path = retinanet::io::hub::fetch_hf(repo, revision, file, None, &hub).map_err(|e| {
+                anyhow!(
                     "cannot get {}: {e}\nhint: download it by other means and pass --weights FILE",
                     args.model
                 )
-                })?;
+            })?;
             let model = RetinaNet::load_with(&path, device, &opts).with_context(|| {
                 format!("cannot load weights {} ({})", path.display(), args.model)
             })?;

@@ -21,6 +21,10 @@
 //! JSON numbers are parsed by `serde_json`; without its `float_roundtrip` feature a literal with
 //! 17 significant digits can come out one ulp off, which could only change a result for an IoU or
 //! area that ties a threshold exactly.
+//!
+//! The files follow pycocotools' steps: `coco_json` reads the documents, `matching` is
+//! `evaluateImg` (IoU from [`crate::boxes::coco_iou`]), `accumulate` is `accumulate` and
+//! `summarize`, and `results` holds the [`Evaluation`] and its text tables.
 
 use std::path::PathBuf;
 

@@ -17,9 +17,9 @@ use candle_nn::VarBuilder;
 
 use crate::model::backbone::{BlockKind, ResNetConfig};
 use crate::model::fpn::ExtraInput;
+use crate::model::RetinaNetConfig;
 use crate::model::postprocess::PostProcessConfig;
 use crate::model::transform::TransformConfig;
-use crate::model::RetinaNetConfig;
 use crate::{Error, Result};
 
 enum Store {

@@ -6,11 +6,11 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use crate::io::checkpoint::{Checkpoint, LoadOptions};
-use crate::kernels::Precision;
 use crate::model::anchors::AnchorGenerator;
 use crate::model::backbone::{ResNet, ResNetConfig};
 use crate::model::box_coder::BoxCoder;
+use crate::io::checkpoint::{Checkpoint, LoadOptions};
+use crate::kernels::Precision;
 use crate::model::fpn::{ExtraInput, Fpn};
 use crate::model::head::RetinaNetHead;
 use crate::model::postprocess::{sigmoid, Detection, LevelCandidates, PostProcessConfig};
