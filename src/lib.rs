@@ -24,6 +24,7 @@
 //! # }
 //! ```
 
+pub mod boxes;
 pub mod classes;
 pub mod data;
 pub mod device;

@@ -7,11 +7,14 @@
 //! Tiles have the same size (the last row and column are moved back to end at the image's
 //! edge), so a batch of tiles needs no padding: with one tile per batch each tile's
 //! detections equal those of the tile cropped and run alone, with larger batches they match
-//! up to the float rounding of the batched convolutions.
+//! up to the float rounding of the batched convolutions. Training tiles
+//! ([`crate::data::Dataset::tile`]) are placed by the same [`tile_windows`], so a model trains
+//! on the windows it will detect in.
 
 use image::RgbImage;
 
-use crate::model::postprocess::{batched_nms, Detection};
+use crate::boxes::batched_nms;
+use crate::model::postprocess::Detection;
 use crate::{Error, Result, RetinaNet};
 
 /// How to tile.
@@ -56,9 +59,10 @@ impl TileConfig {
     }
 }
 
-/// A tile: its top-left corner and size in image pixels.
+/// A window of an image in its pixels: a tile, a training crop, or the part of a source
+/// image a [`crate::data::Sample`] covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tile {
+pub struct Region {
     /// Left edge.
     pub x: u32,
     /// Top edge.
@@ -85,31 +89,37 @@ fn starts(len: u32, size: u32, overlap: u32) -> Vec<u32> {
     out
 }
 
+/// Where tiles go, for inference and for training alike: windows of `size` (clamped to the
+/// image) overlapping by at least `overlap` and covering a `width × height` image, row by
+/// row. Needs `overlap < size`.
+pub fn tile_windows(width: u32, height: u32, size: u32, overlap: u32) -> Vec<Region> {
+    let xs = starts(width, size, overlap);
+    let ys = starts(height, size, overlap);
+    ys.iter()
+        .flat_map(|&y| {
+            xs.iter().map(move |&x| Region {
+                x,
+                y,
+                width: size.min(width),
+                height: size.min(height),
+            })
+        })
+        .collect()
+}
+
 /// The tiles covering a `width × height` image, row by row.
-pub fn tile_grid(width: u32, height: u32, config: &TileConfig) -> Result<Vec<Tile>> {
+pub fn tile_grid(width: u32, height: u32, config: &TileConfig) -> Result<Vec<Region>> {
     config.validate()?;
     if width == 0 || height == 0 {
         return Err(Error::Invalid(format!(
             "cannot tile an empty {width}×{height} image"
         )));
     }
-    let xs = starts(width, config.size, config.overlap);
-    let ys = starts(height, config.size, config.overlap);
-    Ok(ys
-        .iter()
-        .flat_map(|&y| {
-            xs.iter().map(move |&x| Tile {
-                x,
-                y,
-                width: config.size.min(width),
-                height: config.size.min(height),
-            })
-        })
-        .collect())
+    Ok(tile_windows(width, height, config.size, config.overlap))
 }
 
 /// Shifts detections of a tile into image pixels.
-pub fn shift(detections: &mut [Detection], tile: &Tile) {
+pub fn shift(detections: &mut [Detection], tile: &Region) {
     let (dx, dy) = (tile.x as f32, tile.y as f32);
     for d in detections {
         d.bbox = [
@@ -223,5 +233,24 @@ mod tests {
             vec![det(1.0, 0.9, 1), det(1.0, 0.8, 2), det(50.0, 0.7, 1)]
         );
         assert_eq!(merge(merged.clone(), 0.5, Some(1)), vec![det(1.0, 0.9, 1)]);
+    }
+
+    #[test]
+    fn tile_starts_cover_the_side_with_the_overlap() {
+        for len in [1, 399, 400, 401, 1035, 1249, 2299, 2472] {
+            for (size, overlap) in [(400, 0), (400, 40), (600, 100), (800, 399)] {
+                let starts = starts(len, size, overlap);
+                assert_eq!(starts[0], 0);
+                assert_eq!(starts.last().unwrap() + size.min(len), len, "{len} {size}");
+                for pair in starts.windows(2) {
+                    assert!(pair[0] < pair[1]);
+                    // Neighbours share at least the overlap (the check allows a pixel of slack).
+                    assert!(
+                        pair[0] + size >= pair[1] + overlap.saturating_sub(1),
+                        "{len} {size} {overlap}: {starts:?}"
+                    );
+                }
+            }
+        }
     }
 }

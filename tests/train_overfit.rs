@@ -75,7 +75,7 @@ fn tmp_dir(name: &str) -> PathBuf {
 }
 
 fn iou(a: [f32; 4], b: [f32; 4]) -> f32 {
-    retinanet::model::matcher::box_iou(a, b)
+    retinanet::boxes::box_iou(a, b)
 }
 
 #[test]

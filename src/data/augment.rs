@@ -5,6 +5,7 @@
 use image::RgbImage;
 
 use super::{DataError, Dataset, Region, Result, Sample};
+use crate::tiling::tile_windows;
 
 /// A small seeded generator (SplitMix64): fast, and its sequence never changes with a
 /// dependency's version.
@@ -191,8 +192,7 @@ pub fn crop_boxes(
         if c[2] <= c[0] || c[3] <= c[1] {
             continue;
         }
-        let area = (b[2] - b[0]) * (b[3] - b[1]);
-        let inside = (c[2] - c[0]) * (c[3] - c[1]);
+        let (area, inside) = (crate::boxes::area(b), crate::boxes::area(&c));
         // The tolerance keeps a box exactly at the threshold despite f32 rounding.
         if inside < (min_visibility - 1e-6) * area {
             dropped += 1;
@@ -204,7 +204,8 @@ pub fn crop_boxes(
     (kept, kept_labels, dropped)
 }
 
-/// Tiling of large images into overlapping square windows.
+/// Tiling of large images into overlapping square windows, placed as tiled inference places
+/// them ([`tile_windows`]), so a model trains on the tiles it will see.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TileConfig {
     /// Tile side in pixels; an image side no longer than this stays whole.
@@ -242,20 +243,6 @@ pub struct TileStats {
     pub empty_skipped: usize,
 }
 
-/// Start offsets of windows of `size` covering `0..len`, evenly spread with at least
-/// `overlap` between neighbours.
-pub(super) fn tile_starts(len: u32, size: u32, overlap: u32) -> Vec<u32> {
-    if len <= size {
-        return vec![0];
-    }
-    let stride = u64::from(size - overlap);
-    let n = (u64::from(len - overlap)).div_ceil(stride).max(2);
-    let span = u64::from(len - size);
-    (0..n)
-        .map(|i| ((i * span + (n - 1) / 2) / (n - 1)) as u32)
-        .collect()
-}
-
 impl Dataset {
     /// Cuts every sample into overlapping tiles of `config.size` (a deterministic training
     /// set for images much larger than the model's input). Tiles are samples with a
@@ -291,63 +278,27 @@ impl Dataset {
 
 fn tile_sample(sample: &Sample, config: &TileConfig, stats: &mut TileStats) -> Vec<Sample> {
     let (ox, oy) = sample.region.map_or((0, 0), |r| (r.x, r.y));
-    let xs = tile_starts(sample.width, config.size, config.overlap);
-    let ys = tile_starts(sample.height, config.size, config.overlap);
-    let mut tiles = Vec::with_capacity(xs.len() * ys.len());
-    for &y in &ys {
-        for &x in &xs {
-            let window = Region {
-                x,
-                y,
-                width: config.size.min(sample.width),
-                height: config.size.min(sample.height),
-            };
+    tile_windows(sample.width, sample.height, config.size, config.overlap)
+        .into_iter()
+        .map(|window| {
             let (boxes, labels, dropped) =
                 crop_boxes(&sample.boxes, &sample.labels, window, config.min_visibility);
             stats.boxes_dropped += dropped;
             let whole = (window.width, window.height) == (sample.width, sample.height);
-            tiles.push(Sample {
+            let region = Region {
+                x: ox + window.x,
+                y: oy + window.y,
+                ..window
+            };
+            Sample {
                 image_path: sample.image_path.clone(),
                 width: window.width,
                 height: window.height,
                 boxes,
                 labels,
-                region: if whole {
-                    sample.region
-                } else {
-                    Some(Region {
-                        x: ox + x,
-                        y: oy + y,
-                        ..window
-                    })
-                },
+                region: if whole { sample.region } else { Some(region) },
                 image_id: sample.image_id,
-            });
-        }
-    }
-    tiles
-}
-
-#[cfg(test)]
-mod tests {
-    use super::tile_starts;
-
-    #[test]
-    fn tile_starts_cover_the_side_with_the_overlap() {
-        for len in [1, 399, 400, 401, 1035, 1249, 2299, 2472] {
-            for (size, overlap) in [(400, 0), (400, 40), (600, 100), (800, 399)] {
-                let starts = tile_starts(len, size, overlap);
-                assert_eq!(starts[0], 0);
-                assert_eq!(starts.last().unwrap() + size.min(len), len, "{len} {size}");
-                for pair in starts.windows(2) {
-                    assert!(pair[0] < pair[1]);
-                    // Rounding the starts may take one pixel off the overlap.
-                    assert!(
-                        pair[0] + size >= pair[1] + overlap.saturating_sub(1),
-                        "{len} {size} {overlap}: {starts:?}"
-                    );
-                }
             }
-        }
-    }
+        })
+        .collect()
 }

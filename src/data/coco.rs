@@ -180,13 +180,8 @@ fn image_sample(
         }
     };
     Ok(Some(Sample {
-        image_path: path,
-        width: size.0,
-        height: size.1,
-        boxes: Vec::new(),
-        labels: Vec::new(),
-        region: None,
         image_id: Some(image.id),
+        ..Sample::unannotated(path, size.0, size.1)
     }))
 }
 
@@ -225,8 +220,7 @@ fn add_annotation(
         );
         return report.warn(file, None, WarningKind::UnknownClass, msg);
     };
-    let [x, y, w, h] = ann.bbox;
-    let raw = [x, y, x + w, y + h];
+    let raw = crate::boxes::xywh_to_xyxy(ann.bbox);
     if let Some(b) = validate_box(raw, sample.width, sample.height, report, file, None, &what)? {
         sample.boxes.push(b);
         sample.labels.push(label);

@@ -40,22 +40,9 @@ pub(super) fn load(path: &Path, opts: &LoadOpts) -> Result<Dataset> {
         .clone()
         .unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_path_buf());
     let built = par_map_ordered(&images, |image| {
-        build_sample(path, &root, image, &class_names, opts)
+        build_sample(path, &root, image, &class_names, opts.strict)
     })?;
-    let mut samples = Vec::new();
-    let mut warnings = Vec::new();
-    for (sample, report) in built {
-        samples.extend(sample);
-        warnings.extend(report.warnings);
-    }
-    Ok(Dataset {
-        samples,
-        class_names,
-        category_ids: None,
-        warnings,
-        format: Format::Csv,
-        source: path.to_path_buf(),
-    })
+    Ok(Dataset::from_built(Format::Csv, path, class_names, built))
 }
 
 fn read_rows(path: &Path) -> Result<Vec<ImageRows>> {
@@ -132,9 +119,9 @@ fn build_sample(
     root: &Path,
     image: &ImageRows,
     class_names: &[String],
-    opts: &LoadOpts,
+    strict: bool,
 ) -> Result<(Option<Sample>, Report)> {
-    let mut report = Report::new(opts.strict);
+    let mut report = Report::new(strict);
     // Image problems are reported at the image's first row.
     let first = image.rows.first().map(|r| r.line);
     let Some(path) = resolve_image(root, &image.name, &mut report, file, first)? else {
@@ -143,15 +130,7 @@ fn build_sample(
     let Some((width, height)) = image_size(&path, &mut report, file, first)? else {
         return Ok((None, report));
     };
-    let mut sample = Sample {
-        image_path: path,
-        width,
-        height,
-        boxes: Vec::new(),
-        labels: Vec::new(),
-        region: None,
-        image_id: None,
-    };
+    let mut sample = Sample::unannotated(path, width, height);
     for row in &image.rows {
         let Some((raw, name)) = &row.bbox else {
             continue;

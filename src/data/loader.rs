@@ -47,12 +47,17 @@ impl LoaderConfig {
     }
 }
 
-/// The boxes and labels of one image of a batch.
+/// The ground truth of one training image: what a [`Loader`] yields per image and what
+/// [`crate::train::Trainer`] takes (it is `retinanet::train::Target` too).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Target {
-    /// `[x1, y1, x2, y2]` in the batch image's pixels.
+    /// An id for messages: the file name (and tile position, see [`super::Sample::name`]), a COCO
+    /// id…
+    pub id: String,
+    /// Boxes `[x1, y1, x2, y2]` in the image's pixels, with x1 < x2 and y1 < y2; empty for an
+    /// image of background.
     pub boxes: Vec<[f32; 4]>,
-    /// Labels, `0..num_classes`.
+    /// Class index of each box, below the model's class count.
     pub labels: Vec<usize>,
 }
 
@@ -176,9 +181,10 @@ impl Loader {
             flipped: Vec::with_capacity(ids.len()),
             epoch,
         };
-        for item in items {
+        for (item, &id) in items.into_iter().zip(ids) {
             batch.images.push(item.image);
             batch.targets.push(Target {
+                id: self.dataset.samples[id].name(),
                 boxes: item.boxes,
                 labels: item.labels,
             });

@@ -39,6 +39,8 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+/// The window of a source image a tile or crop covers (the type tiled inference uses).
+pub use crate::tiling::Region;
 pub use augment::{
     augment, crop_boxes, AugmentConfig, Augmented, CropConfig, Rng, TileConfig, TileStats,
 };
@@ -249,19 +251,6 @@ impl fmt::Display for Warning {
     }
 }
 
-/// A window of a source image, in its pixels.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Region {
-    /// Left edge.
-    pub x: u32,
-    /// Top edge.
-    pub y: u32,
-    /// Width.
-    pub width: u32,
-    /// Height.
-    pub height: u32,
-}
-
 /// One annotated image (or one tile of an image).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sample {
@@ -282,6 +271,27 @@ pub struct Sample {
 }
 
 impl Sample {
+    /// The image file's path, with the tile's position for a tile (for messages).
+    pub fn name(&self) -> String {
+        match self.region {
+            Some(r) => format!("{} at ({}, {})", self.image_path.display(), r.x, r.y),
+            None => self.image_path.display().to_string(),
+        }
+    }
+
+    /// A whole image of `width × height` pixels, without boxes yet.
+    fn unannotated(image_path: PathBuf, width: u32, height: u32) -> Self {
+        Self {
+            image_path,
+            width,
+            height,
+            boxes: Vec::new(),
+            labels: Vec::new(),
+            region: None,
+            image_id: None,
+        }
+    }
+
     /// Decodes the image (and crops the region, for a tile) as RGB.
     pub fn load_image(&self) -> Result<image::RgbImage> {
         let image = decode_rgb(&self.image_path)?;
@@ -353,6 +363,30 @@ pub struct Dataset {
 }
 
 impl Dataset {
+    /// A dataset of per-image results in image order (the loaders' `build_sample`s), their
+    /// warnings gathered in the same order; no COCO category ids.
+    fn from_built(
+        format: Format,
+        source: &Path,
+        class_names: Vec<String>,
+        built: Vec<(Option<Sample>, Report)>,
+    ) -> Self {
+        let mut samples = Vec::new();
+        let mut warnings = Vec::new();
+        for (sample, report) in built {
+            samples.extend(sample);
+            warnings.extend(report.warnings);
+        }
+        Self {
+            samples,
+            class_names,
+            category_ids: None,
+            warnings,
+            format,
+            source: source.to_path_buf(),
+        }
+    }
+
     /// Number of classes `K` (the model's `num_classes`).
     pub fn num_classes(&self) -> usize {
         self.class_names.len()
@@ -580,13 +614,7 @@ fn validate_box(
         report.warn(file, line, WarningKind::EmptyBox, msg)?;
         return Ok(None);
     }
-    let (w, h) = (width as f32, height as f32);
-    let clipped = [
-        x1.clamp(0.0, w),
-        y1.clamp(0.0, h),
-        x2.clamp(0.0, w),
-        y2.clamp(0.0, h),
-    ];
+    let clipped = crate::boxes::clip(raw, height as f32, width as f32);
     if clipped[2] <= clipped[0] || clipped[3] <= clipped[1] {
         let msg = format!("{what}: box {shown} lies outside the {width}x{height} image, skipped");
         report.warn(file, line, WarningKind::EmptyBox, msg)?;

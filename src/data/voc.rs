@@ -70,20 +70,7 @@ pub(super) fn load(path: &Path, opts: &LoadOpts) -> Result<Dataset> {
     let built = par_map_ordered(&selected, |(unit, parsed)| {
         build_sample(unit, parsed, &class_names, opts)
     })?;
-    let mut samples = Vec::new();
-    let mut warnings = Vec::new();
-    for (sample, report) in built {
-        samples.extend(sample);
-        warnings.extend(report.warnings);
-    }
-    Ok(Dataset {
-        samples,
-        class_names,
-        category_ids: None,
-        warnings,
-        format: Format::Voc,
-        source: path.to_path_buf(),
-    })
+    Ok(Dataset::from_built(Format::Voc, path, class_names, built))
 }
 
 /// Lists the XML files: a single file, a VOC devkit folder, or folders of XML files.
@@ -253,15 +240,7 @@ fn build_sample(
     else {
         return Ok((None, report));
     };
-    let mut sample = Sample {
-        image_path,
-        width,
-        height,
-        boxes: Vec::new(),
-        labels: Vec::new(),
-        region: None,
-        image_id: None,
-    };
+    let mut sample = Sample::unannotated(image_path, width, height);
     for (i, object) in ann.object.iter().enumerate() {
         let line = parsed.object_lines.get(i).copied();
         add_object(&mut sample, i, object, class_names, &mut report, file, line)?;

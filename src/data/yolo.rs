@@ -62,26 +62,14 @@ pub(super) fn load(path: &Path, opts: &LoadOpts) -> Result<Dataset> {
     // Without names, classes are numbered up to the largest index used.
     let limit = names_given.as_ref().map_or(usize::MAX, Vec::len);
     let built = par_map_ordered(&entries, |e| build_sample(e, limit, opts))?;
-    let mut samples = Vec::new();
-    let mut warnings = Vec::new();
-    for (sample, report) in built {
-        samples.extend(sample);
-        warnings.extend(report.warnings);
-    }
-    let class_names = names_given.unwrap_or_else(|| {
-        let max = samples.iter().flat_map(|s: &Sample| &s.labels).max();
+    let mut dataset = Dataset::from_built(Format::Yolo, path, Vec::new(), built);
+    dataset.class_names = names_given.unwrap_or_else(|| {
+        let max = dataset.samples.iter().flat_map(|s| &s.labels).max();
         (0..max.map_or(0, |m| m + 1))
             .map(|i| i.to_string())
             .collect()
     });
-    Ok(Dataset {
-        samples,
-        class_names,
-        category_ids: None,
-        warnings,
-        format: Format::Yolo,
-        source: path.to_path_buf(),
-    })
+    Ok(dataset)
 }
 
 /// The image/label folder pairs: `images/` + `labels/` (optionally with split subfolders
@@ -361,15 +349,7 @@ fn build_sample(
     let Some((width, height)) = image_size(image, &mut report, file, None)? else {
         return Ok((None, report));
     };
-    let mut sample = Sample {
-        image_path: image.clone(),
-        width,
-        height,
-        boxes: Vec::new(),
-        labels: Vec::new(),
-        region: None,
-        image_id: None,
-    };
+    let mut sample = Sample::unannotated(image.clone(), width, height);
     let Some(label) = &entry.label else {
         let msg = "no label file: kept as an image without objects".to_string();
         report.warn(image, None, WarningKind::NoAnnotation, msg)?;

@@ -64,16 +64,6 @@ impl BoxCoder {
     }
 }
 
-/// Clamps a box to `[0, width] × [0, height]`.
-pub fn clip_box(b: [f32; 4], height: f32, width: f32) -> [f32; 4] {
-    [
-        b[0].clamp(0.0, width),
-        b[1].clamp(0.0, height),
-        b[2].clamp(0.0, width),
-        b[3].clamp(0.0, height),
-    ]
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

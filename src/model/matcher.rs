@@ -4,6 +4,8 @@
 //! torchvision's order of operations: the thresholds and the ties of low-quality matching
 //! then fall exactly as in torchvision.
 
+use crate::boxes::box_iou;
+
 /// Match value of an anchor assigned to the background.
 pub const BACKGROUND: i64 = -1;
 /// Match value of an anchor ignored by the losses (IoU between the thresholds).
@@ -30,16 +32,6 @@ impl Default for Matcher {
             allow_low_quality: true,
         }
     }
-}
-
-/// IoU of two `[x1, y1, x2, y2]` boxes, as torchvision's `box_iou` computes it in f32.
-pub fn box_iou(a: [f32; 4], b: [f32; 4]) -> f32 {
-    let area_a = (a[2] - a[0]) * (a[3] - a[1]);
-    let area_b = (b[2] - b[0]) * (b[3] - b[1]);
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = w * h;
-    inter / (area_a + area_b - inter)
 }
 
 impl Matcher {
@@ -95,28 +87,6 @@ impl Matcher {
         }
         matches
     }
-}
-
-/// Maps boxes from original-image pixels to the resized image, as torchvision's
-/// `resize_boxes` (f32 ratios of the integer sizes, per axis). Sizes are `(height, width)`.
-pub fn resize_boxes(
-    boxes: &[[f32; 4]],
-    original: (usize, usize),
-    resized: (usize, usize),
-) -> Vec<[f32; 4]> {
-    let ratio_h = resized.0 as f32 / original.0 as f32;
-    let ratio_w = resized.1 as f32 / original.1 as f32;
-    boxes
-        .iter()
-        .map(|b| {
-            [
-                b[0] * ratio_w,
-                b[1] * ratio_h,
-                b[2] * ratio_w,
-                b[3] * ratio_h,
-            ]
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! It runs in plain Rust on the few thousand candidates that pass the threshold; the model
 //! only copies those rows off its device.
 
-use crate::model::box_coder::{clip_box, BoxCoder};
+use crate::boxes::{batched_nms, clip};
+use crate::model::box_coder::BoxCoder;
 
 /// Settings of post-processing; the defaults are torchvision's.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -77,7 +78,7 @@ impl PostProcessConfig {
         for (level, level_anchors) in levels.iter().zip(anchors) {
             for (row, k, score) in self.top_candidates(level, num_classes) {
                 let anchor = level_anchors[level.anchor_idx[row]];
-                boxes.push(clip_box(coder.decode(level.deltas[row], anchor), h, w));
+                boxes.push(clip(coder.decode(level.deltas[row], anchor), h, w));
                 scores.push(score);
                 labels.push(k);
             }
@@ -126,150 +127,5 @@ impl PostProcessConfig {
         cands.truncate(self.topk_candidates);
         cands.sort_by(by_score);
         cands
-    }
-}
-
-/// Area of `[x1, y1, x2, y2]` (no +1).
-fn area(b: &[f32; 4]) -> f32 {
-    (b[2] - b[0]) * (b[3] - b[1])
-}
-
-/// Non-maximum suppression, as torchvision's `nms` on CPU: boxes in order of score
-/// (stable, descending), each suppressing the later ones with IoU strictly above
-/// `iou_threshold`. Returns the kept indices by decreasing score.
-pub fn nms(boxes: &[[f32; 4]], scores: &[f32], iou_threshold: f64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..boxes.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let areas: Vec<f32> = boxes.iter().map(area).collect();
-    let mut suppressed = vec![false; boxes.len()];
-    let mut keep = Vec::new();
-    for (oi, &i) in order.iter().enumerate() {
-        if suppressed[i] {
-            continue;
-        }
-        keep.push(i);
-        let bi = boxes[i];
-        for &j in &order[oi + 1..] {
-            if suppressed[j] {
-                continue;
-            }
-            let bj = boxes[j];
-            let iw = (bi[2].min(bj[2]) - bi[0].max(bj[0])).max(0.0);
-            let ih = (bi[3].min(bj[3]) - bi[1].max(bj[1])).max(0.0);
-            let inter = iw * ih;
-            let iou = inter / (areas[i] + areas[j] - inter);
-            if iou as f64 > iou_threshold {
-                suppressed[j] = true;
-            }
-        }
-    }
-    keep
-}
-
-/// Per-class NMS, as torchvision's `batched_nms`: for up to 1000 boxes it offsets each
-/// class's boxes by `label · (max coordinate + 1)` and runs one NMS (the offsets change IoUs
-/// in the last bits, so parity needs the same trick); above that it runs NMS per class.
-/// Returns kept indices by decreasing score.
-pub fn batched_nms(
-    boxes: &[[f32; 4]],
-    scores: &[f32],
-    labels: &[usize],
-    iou_threshold: f64,
-) -> Vec<usize> {
-    if boxes.is_empty() {
-        return Vec::new();
-    }
-    if boxes.len() * 4 <= 4000 {
-        batched_nms_offset(boxes, scores, labels, iou_threshold)
-    } else {
-        batched_nms_per_class(boxes, scores, labels, iou_threshold)
-    }
-}
-
-fn batched_nms_offset(
-    boxes: &[[f32; 4]],
-    scores: &[f32],
-    labels: &[usize],
-    iou_threshold: f64,
-) -> Vec<usize> {
-    let max_coord = boxes
-        .iter()
-        .flatten()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
-    let shifted: Vec<[f32; 4]> = boxes
-        .iter()
-        .zip(labels)
-        .map(|(b, &l)| {
-            let offset = l as f32 * (max_coord + 1.0);
-            b.map(|v| v + offset)
-        })
-        .collect();
-    nms(&shifted, scores, iou_threshold)
-}
-
-fn batched_nms_per_class(
-    boxes: &[[f32; 4]],
-    scores: &[f32],
-    labels: &[usize],
-    iou_threshold: f64,
-) -> Vec<usize> {
-    let num_labels = labels.iter().max().map_or(0, |m| m + 1);
-    let mut by_label: Vec<Vec<usize>> = vec![Vec::new(); num_labels];
-    for (i, &l) in labels.iter().enumerate() {
-        by_label[l].push(i);
-    }
-    let mut keep = Vec::new();
-    for idx in by_label.iter().filter(|v| !v.is_empty()) {
-        let b: Vec<[f32; 4]> = idx.iter().map(|&i| boxes[i]).collect();
-        let s: Vec<f32> = idx.iter().map(|&i| scores[i]).collect();
-        keep.extend(nms(&b, &s, iou_threshold).into_iter().map(|k| idx[k]));
-    }
-    // torchvision: kept indices in index order, then sorted by score.
-    keep.sort_unstable();
-    keep.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    keep
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nms_suppresses_strictly_above_threshold() {
-        // IoU of the two boxes is exactly 0.5: both are kept (suppression needs > 0.5).
-        let boxes = [[0.0, 0.0, 3.0, 1.0], [1.0, 0.0, 4.0, 1.0]];
-        assert_eq!(nms(&boxes, &[0.9, 0.8], 0.5), vec![0, 1]);
-        assert_eq!(nms(&boxes, &[0.8, 0.9], 0.49), vec![1]);
-    }
-
-    #[test]
-    fn batched_nms_keeps_other_classes() {
-        let boxes = [
-            [0.0, 0.0, 10.0, 10.0],
-            [0.0, 0.0, 10.0, 10.0],
-            [0.0, 0.0, 10.0, 9.0],
-        ];
-        let keep = batched_nms(&boxes, &[0.5, 0.9, 0.7], &[1, 2, 1], 0.5);
-        assert_eq!(keep, vec![1, 2]);
-    }
-
-    #[test]
-    fn both_batched_paths_agree() {
-        // A grid of overlapping boxes in three classes, integer coordinates, so the class
-        // offsets are exact and both of torchvision's code paths must give the same result.
-        let boxes: Vec<[f32; 4]> = (0..1200)
-            .map(|i| {
-                let x = (i % 40) as f32 * 1.5;
-                let y = (i / 40) as f32 * 10.0;
-                [x, y, x + 12.0, y + 9.0]
-            })
-            .collect();
-        let scores: Vec<f32> = (0..1200).map(|i| ((i * 7919) % 1200) as f32).collect();
-        let labels: Vec<usize> = (0..1200).map(|i| (i / 40 + i % 2) % 3).collect();
-        let a = batched_nms_offset(&boxes, &scores, &labels, 0.5);
-        let b = batched_nms_per_class(&boxes, &scores, &labels, 0.5);
-        assert!(a.len() > 100 && a.len() < 1200, "{}", a.len());
-        assert_eq!(a, b);
     }
 }

@@ -434,15 +434,8 @@ fn rescale(
     resized: (usize, usize),
     orig: (usize, usize),
 ) -> Vec<Detection> {
-    let ratio_h = orig.0 as f32 / resized.0 as f32;
-    let ratio_w = orig.1 as f32 / resized.1 as f32;
     for d in &mut dets {
-        d.bbox = [
-            d.bbox[0] * ratio_w,
-            d.bbox[1] * ratio_h,
-            d.bbox[2] * ratio_w,
-            d.bbox[3] * ratio_h,
-        ];
+        d.bbox = crate::boxes::resize(d.bbox, resized, orig);
     }
     dets
 }

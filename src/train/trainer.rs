@@ -26,7 +26,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use image::RgbImage;
 
-use crate::model::matcher::{resize_boxes, Matcher};
+use crate::boxes::resize_boxes;
+use crate::model::matcher::Matcher;
 use super::checkpoint::{optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as};
 use crate::model::focal_loss::{retinanet_losses, LossConfig, LossTargets, Losses};
 use super::optim::{clip_grad_norm, LrSchedule, Sgd, SgdConfig};
@@ -36,16 +37,7 @@ use super::params::{
 use crate::model::{RawOutput, RetinaNet, RetinaNetConfig};
 use crate::{Error, Result};
 
-/// The ground truth of one image, in original-image pixels.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Target {
-    /// An id for messages (file name, COCO id…).
-    pub id: String,
-    /// Boxes `[x1, y1, x2, y2]`, with x1 < x2 and y1 < y2; empty for an image of background.
-    pub boxes: Vec<[f32; 4]>,
-    /// Class index of each box, below the model's class count.
-    pub labels: Vec<usize>,
-}
+pub use crate::data::Target;
 
 /// Training settings.
 #[derive(Debug, Clone, PartialEq)]
