@@ -116,12 +116,12 @@ def load_voc(folder, classes):
 
 
 def tile_starts(length, size, overlap):
+    """As `retinanet::tiling::tile_windows`: a step of size - overlap, the last tile moved back
+    to the far edge."""
     if length <= size:
         return [0]
-    stride = size - overlap
-    n = max(-(-(length - overlap) // stride), 2)
-    span = length - size
-    return [(i * span + (n - 1) // 2) // (n - 1) for i in range(n)]
+    stride, last = size - overlap, length - size
+    return list(range(0, last, stride)) + [last]
 
 
 def crop_boxes(boxes, labels, x, y, w, h, min_visibility=0.5):
