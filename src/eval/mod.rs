@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{de, Deserialize, Deserializer, Serialize};
 
+mod model;
+pub use model::{evaluate_model, predictions};
+
 /// Number of IoU thresholds (pycocotools' `T`).
 pub const NUM_IOU_THRESHOLDS: usize = 10;
 /// Number of recall thresholds (pycocotools' `R`).
