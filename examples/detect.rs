@@ -12,7 +12,6 @@
 //! `--out` annotated images; then standard output gets one summary line per image. Files are
 //! written only once every image succeeded.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -20,14 +19,14 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use retinanet::device::DeviceChoice;
-use retinanet::io::annotate::annotate;
+use retinanet::io::annotate::{annotate, output_paths};
 use retinanet::io::atomic::Staged;
 use retinanet::io::hub::HubOptions;
+use retinanet::io::results::{coco_image_id, CocoResult, ImageRecord};
 use retinanet::kernels::Precision;
 use retinanet::tiling::{detect_tiled, TileConfig};
 use retinanet::zoo::{self, ModelSource};
-use retinanet::{Detection, LoadOptions, PostProcessConfig, RetinaNet};
-use serde::Serialize;
+use retinanet::{LoadOptions, PostProcessConfig, RetinaNet};
 
 #[derive(Parser, Debug)]
 #[command(about = "RetinaNet object detection (torchvision checkpoints, no Python)")]
@@ -106,31 +105,6 @@ enum PrecisionArg {
     Bf16,
 }
 
-#[derive(Serialize)]
-struct ImageResult<'a> {
-    image: String,
-    width: u32,
-    height: u32,
-    detections: Vec<DetectionOut<'a>>,
-}
-
-#[derive(Serialize)]
-struct DetectionOut<'a> {
-    #[serde(rename = "box")]
-    bbox: [f32; 4],
-    score: f32,
-    label: usize,
-    class: Option<&'a str>,
-}
-
-#[derive(Serialize)]
-struct CocoResult {
-    image_id: u64,
-    category_id: usize,
-    bbox: [f32; 4],
-    score: f32,
-}
-
 fn main() {
     retinanet::device::one_candle_pool_thread();
     if let Err(e) = run(Args::parse()) {
@@ -141,7 +115,7 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     if args.list_models {
-        list_models();
+        print!("{}", zoo::table(HubOptions::from_env().ok().as_ref()));
         return Ok(());
     }
     if !(0.0..1.0).contains(&args.score_threshold) {
@@ -154,7 +128,7 @@ fn run(args: Args) -> Result<()> {
     }
     let images = expand_inputs(&args.images)?;
     let annotated = match &args.out {
-        Some(dir) => Some(plan_outputs(dir, &images)?),
+        Some(dir) => Some(output_paths(dir, &images)?),
         None => None,
     };
     let device = args.device.open()?;
@@ -193,13 +167,9 @@ fn run(args: Args) -> Result<()> {
         }
         summaries.push(summary);
         let image_id = coco_image_id(path, index);
-        coco.extend(detections.iter().map(|d| coco_result(image_id, d)));
-        results.push(ImageResult {
-            image: path.display().to_string(),
-            width: image.width(),
-            height: image.height(),
-            detections: detections.iter().map(|d| output(&model, d)).collect(),
-        });
+        coco.extend(detections.iter().map(|d| CocoResult::new(image_id, d)));
+        let size = image.dimensions();
+        results.push(ImageRecord::new(path, size, &detections, &model));
         bar.inc(1);
     }
     bar.finish_and_clear();
@@ -207,12 +177,11 @@ fn run(args: Args) -> Result<()> {
 
     let json = serde_json::to_string_pretty(&results)?;
     if let Some(path) = &args.coco_results {
-        let text = serde_json::to_string(&coco)?;
-        staged.write_with(path, |tmp| write_file(tmp, &text))?;
+        staged.write(path, serde_json::to_string(&coco)?.as_bytes())?;
     }
     let json_file = args.json.as_deref().filter(|p| *p != Path::new("-"));
     if let Some(path) = json_file {
-        staged.write_with(path, |tmp| write_file(tmp, &json))?;
+        staged.write(path, json.as_bytes())?;
     }
     staged.commit()?;
     let asked_files = args.out.is_some() || json_file.is_some() || args.coco_results.is_some();
@@ -234,45 +203,6 @@ fn run(args: Args) -> Result<()> {
         retinanet::device::name(&device)
     );
     Ok(())
-}
-
-fn write_file(path: &Path, text: &str) -> retinanet::Result<()> {
-    retinanet::io::atomic::write_atomic(path, text.as_bytes())
-}
-
-fn output<'a>(model: &'a RetinaNet, d: &Detection) -> DetectionOut<'a> {
-    DetectionOut {
-        bbox: d.bbox,
-        score: d.score,
-        label: d.label,
-        class: model.class_name(d.label),
-    }
-}
-
-fn coco_result(image_id: u64, d: &Detection) -> CocoResult {
-    let [x0, y0, x1, y1] = d.bbox;
-    CocoResult {
-        image_id,
-        category_id: d.label,
-        bbox: [x0, y0, x1 - x0, y1 - y0],
-        score: d.score,
-    }
-}
-
-fn list_models() {
-    println!(
-        "{:<32} {:<40} {:<28} source",
-        "name", "architecture", "accuracy"
-    );
-    let hub = HubOptions::from_env().ok();
-    for e in zoo::ZOO {
-        let url = hub
-            .as_ref()
-            .map_or_else(|| format!("{:?}", e.source), |h| e.url(h));
-        let accuracy = format!("{} {}", e.accuracy.metric, e.accuracy.value);
-        let arch = e.architecture.describe();
-        println!("{:<32} {arch:<40} {accuracy:<28} {url}", e.name);
-    }
 }
 
 /// Files as given, folders' image files (sorted) and glob matches (sorted).
@@ -306,33 +236,6 @@ fn expand_inputs(args: &[String]) -> Result<Vec<PathBuf>> {
             bail!("pattern {arg} matches no files");
         }
         out.extend(files);
-    }
-    Ok(out)
-}
-
-/// The annotated image's path for each input, refusing collisions and overwriting inputs.
-fn plan_outputs(dir: &Path, images: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create --out {}", dir.display()))?;
-    let mut seen: HashMap<PathBuf, &Path> = HashMap::new();
-    let mut out = Vec::with_capacity(images.len());
-    for image in images {
-        let name = image
-            .file_name()
-            .with_context(|| format!("{} has no file name", image.display()))?;
-        let dest = dir.join(name);
-        if let Some(other) = seen.insert(dest.clone(), image) {
-            let (a, b, d) = (other.display(), image.display(), dest.display());
-            bail!("--out: {a} and {b} would both be written to {d}");
-        }
-        if let (Ok(a), Ok(b)) = (dest.canonicalize(), image.canonicalize()) {
-            if a == b {
-                bail!("--out: {} would overwrite the input image", dest.display());
-            }
-        }
-        image::ImageFormat::from_path(&dest)
-            .with_context(|| format!("--out: no encoder for {}", dest.display()))?;
-        out.push(dest);
     }
     Ok(out)
 }
@@ -373,14 +276,6 @@ fn load_model(args: &Args, device: &candle_core::Device) -> Result<RetinaNet> {
     let (config, s) = (model.config().describe(), start.elapsed().as_secs_f64());
     eprintln!("loaded {what} ({config}) in {s:.2}s");
     Ok(model)
-}
-
-/// COCO's image id: the numeric file stem (`000000397133.jpg` → 397133), else the index.
-fn coco_image_id(path: &Path, index: usize) -> u64 {
-    path.file_stem()
-        .and_then(|s| s.to_str())
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(index as u64)
 }
 
 fn progress_bar(len: usize) -> ProgressBar {

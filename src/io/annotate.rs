@@ -1,6 +1,9 @@
 //! Annotated images: detections drawn as boxes in a colour per class, labelled with class
 //! name and score in the bundled DejaVu Sans Mono Bold.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
 use ab_glyph::{Font, FontRef, PxScale, ScaleFont};
 use image::{Rgb, RgbImage};
 
@@ -43,6 +46,39 @@ pub fn annotate(
         );
     }
     Ok(img)
+}
+
+/// Where each of `images` is written annotated in the folder `dir` (created): its file
+/// name there. Refuses two inputs with one name, overwriting an input, and extensions no
+/// encoder writes.
+pub fn output_paths(dir: &Path, images: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut seen: HashMap<PathBuf, &Path> = HashMap::new();
+    let mut out = Vec::with_capacity(images.len());
+    for image in images {
+        let invalid = |what: String| Error::Invalid(format!("--out: {what}"));
+        let name = image
+            .file_name()
+            .ok_or_else(|| invalid(format!("{} has no file name", image.display())))?;
+        let dest = dir.join(name);
+        if let Some(other) = seen.insert(dest.clone(), image) {
+            let (a, b, d) = (other.display(), image.display(), dest.display());
+            return Err(invalid(format!("{a} and {b} would both be written to {d}")));
+        }
+        if let (Ok(a), Ok(b)) = (dest.canonicalize(), image.canonicalize()) {
+            if a == b {
+                let d = dest.display();
+                return Err(invalid(format!("{d} would overwrite the input image")));
+            }
+        }
+        image::ImageFormat::from_path(&dest)
+            .map_err(|_| invalid(format!("no encoder for {}", dest.display())))?;
+        out.push(dest);
+    }
+    Ok(out)
 }
 
 /// A filled label with `text` above the box corner `(x0, y0)`, or inside the box at the top

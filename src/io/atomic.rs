@@ -14,11 +14,14 @@ use crate::{Error, Result};
 
 /// Writes `bytes` to `path` atomically, creating its folder if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |tmp| {
-        let mut f = std::fs::File::create(tmp).map_err(io_error(tmp))?;
-        f.write_all(bytes).map_err(io_error(tmp))?;
-        f.sync_all().map_err(io_error(tmp))
-    })
+    write_atomic_with(path, |tmp| write_synced(tmp, bytes))
+}
+
+/// Writes and syncs a new file, so that the rename after it never exposes unwritten data.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).map_err(io_error(path))?;
+    f.write_all(bytes).map_err(io_error(path))?;
+    f.sync_all().map_err(io_error(path))
 }
 
 /// Runs `write` on a temporary path beside `path`, then renames it over `path`; on failure
@@ -109,6 +112,11 @@ impl Staged {
         write(&tmp)
     }
 
+    /// Writes `bytes` as the future `dest`.
+    pub fn write(&mut self, dest: &Path, bytes: &[u8]) -> Result<()> {
+        self.write_with(dest, |tmp| write_synced(tmp, bytes))
+    }
+
     /// Encodes `image` as the future `dest`, in the format its extension names.
     pub fn save_image(&mut self, dest: &Path, image: &image::RgbImage) -> Result<()> {
         let image_error = |source| Error::Image {
@@ -185,9 +193,7 @@ mod tests {
         assert!(entries(&dir).is_empty(), "dropped: temporaries removed");
 
         let mut staged = Staged::default();
-        staged
-            .write_with(&b, |t| std::fs::write(t, b"b").map_err(io_error(t)))
-            .unwrap();
+        staged.write(&b, b"b").unwrap();
         staged.commit().unwrap();
         assert_eq!(entries(&dir_b), ["b.bin"]);
     }

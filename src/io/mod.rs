@@ -6,4 +6,5 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod hub;
 pub mod load;
+pub mod results;
 pub mod zoo;

@@ -253,6 +253,22 @@ pub fn find(name: &str) -> Result<&'static ZooEntry> {
     })
 }
 
+/// The zoo as a text table: name, architecture, accuracy and download URL (under `hub`,
+/// else the source).
+pub fn table(hub: Option<&HubOptions>) -> String {
+    let mut text = format!(
+        "{:<32} {:<40} {:<28} source\n",
+        "name", "architecture", "accuracy"
+    );
+    for e in ZOO {
+        let url = hub.map_or_else(|| format!("{:?}", e.source), |h| e.url(h));
+        let accuracy = format!("{} {}", e.accuracy.metric, e.accuracy.value);
+        let arch = e.architecture.describe();
+        text += &format!("{:<32} {arch:<40} {accuracy:<28} {url}\n", e.name);
+    }
+    text
+}
+
 /// Where a model comes from, as [`resolve`] reads a command line's model argument.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
