@@ -13,6 +13,7 @@
 //! written only once every image succeeded.
 
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -105,11 +106,14 @@ enum PrecisionArg {
     Bf16,
 }
 
-fn main() {
+fn main() -> ExitCode {
     retinanet::device::one_candle_pool_thread();
-    if let Err(e) = run(Args::parse()) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! A training run's bookkeeping around [`Trainer`](crate::train::Trainer): where the weights
+//! A training run's bookkeeping around [`Trainer`]: where the weights
 //! start, the schedule, the settings that `--resume` requires unchanged (`run.json`), the
 //! metrics log (`metrics.jsonl`), the step speed and the conversion of loader batches to
 //! training targets.
