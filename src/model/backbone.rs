@@ -10,8 +10,8 @@
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{conv2d_no_bias, Conv2dConfig, VarBuilder};
 
-use crate::kernels::{conv2d_train, conv2d_train_fused, Conv, Precision, TrainBias};
 use crate::layers::norm::{max_pool_3x3_s2_p1_train, BatchNorm2dTrain};
+use crate::kernels::{conv2d_train, conv2d_train_fused, Conv, Precision, TrainBias};
 
 /// Residual block type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
