@@ -707,3 +707,40 @@ fn output_files_print_one_line_per_image() {
     );
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// `load_with` uses the input size a checkpoint records (fine-tuned files do) unless the
+/// options set one, side by side.
+#[test]
+fn loading_uses_the_recorded_input_size_unless_set() {
+    use retinanet::train::checkpoint::{read_safetensors, write_safetensors};
+    let (tensors, mut metadata) = read_safetensors(&r18(), &Device::Cpu).unwrap();
+    metadata.insert("min_size".into(), "128".into());
+    metadata.insert("max_size".into(), "160".into());
+    let path = tmp("sized.safetensors");
+    write_safetensors(&path, &tensors, metadata).unwrap();
+    let size = |opts: &LoadOptions| {
+        let t = RetinaNet::load_with(&path, &Device::Cpu, opts)
+            .unwrap()
+            .transform;
+        (t.min_size, t.max_size)
+    };
+    assert_eq!(size(&LoadOptions::default()), (128, 160));
+    let min_only = LoadOptions {
+        min_size: Some(144),
+        ..Default::default()
+    };
+    assert_eq!(size(&min_only), (144, 160));
+    let both = LoadOptions {
+        min_size: Some(320),
+        max_size: Some(512),
+        ..Default::default()
+    };
+    assert_eq!(size(&both), (320, 512));
+    let unsized_model = RetinaNet::load_with(r18(), &Device::Cpu, &LoadOptions::default());
+    let t = unsized_model.unwrap().transform;
+    assert_eq!(
+        (t.min_size, t.max_size),
+        (800, 1333),
+        "torchvision's without metadata"
+    );
+}
