@@ -18,6 +18,41 @@ pub enum DeviceChoice {
     Metal,
 }
 
+impl std::str::FromStr for DeviceChoice {
+    type Err = Error;
+
+    /// `auto`, `cpu`, `cuda` or `metal`, as command lines spell them.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda),
+            "metal" => Ok(Self::Metal),
+            _ => Err(Error::Invalid(format!(
+                "unknown device {s:?}: expected auto, cpu, cuda or metal"
+            ))),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Cpu => "cpu",
+            Self::Cuda => "cuda",
+            Self::Metal => "metal",
+        })
+    }
+}
+
+impl DeviceChoice {
+    /// Opens the device; errors name the choice as a `--device` flag.
+    pub fn open(self) -> Result<Device> {
+        select(self).map_err(|e| Error::Invalid(format!("--device {self}: {e}")))
+    }
+}
+
 /// Opens the requested device. Asking for a GPU this build cannot use is an error that names
 /// the Cargo feature to enable.
 pub fn select(choice: DeviceChoice) -> Result<Device> {
@@ -67,5 +102,20 @@ pub fn name(device: &Device) -> &'static str {
 pub fn one_candle_pool_thread() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn choices_parse_and_print_as_written() {
+        for name in ["auto", "cpu", "cuda", "metal"] {
+            let choice: DeviceChoice = name.parse().unwrap();
+            assert_eq!(choice.to_string(), name);
+        }
+        assert_eq!("CPU".parse::<DeviceChoice>().unwrap(), DeviceChoice::Cpu);
+        assert!("tpu".parse::<DeviceChoice>().is_err());
     }
 }

@@ -38,7 +38,8 @@ pub mod tiling;
 pub mod train;
 
 pub use error::{Error, Result};
-pub use io::checkpoint::{Checkpoint, LoadOptions};
+pub use io::checkpoint::Checkpoint;
+pub use io::load::LoadOptions;
 pub use io::zoo;
 pub use model::postprocess::{Detection, PostProcessConfig};
 pub use model::transform::TransformConfig;

@@ -660,3 +660,87 @@ fn bundled_tree_model_detects_trees_offline() {
     println!("bundled tree model: AP50 {ap50:.4} on OSBS_029");
     assert!(ap50 >= TREE_AP50_FLOOR, "AP50 {ap50} on OSBS_029");
 }
+
+/// With an output file asked for, standard output gets a summary line per image, not the
+/// JSON; `--json -` keeps the JSON there (and the summaries move to standard error).
+#[test]
+fn output_files_print_one_line_per_image() {
+    let out = tmp("summary-annotated");
+    let _ = std::fs::remove_dir_all(&out);
+    let run = |json: &[&str]| {
+        Command::new(detect_bin())
+            .args(["--weights", r18().to_str().unwrap()])
+            .args(["--min-size", "128", "--max-size", "256"])
+            .args(["--draw-threshold", "0.1", "--out", out.to_str().unwrap()])
+            .args(json)
+            .arg(photos().join("chelsea.png"))
+            .output()
+            .unwrap()
+    };
+    let output = run(&[]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let dest = out.join("chelsea.png");
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let line = stdout.trim_end();
+    assert!(line.starts_with(&format!("{}: ", photos().join("chelsea.png").display())));
+    assert!(
+        line.ends_with(&format!("≥ 0.1 drawn → {}", dest.display())),
+        "{line}"
+    );
+    assert!(dest.is_file());
+
+    let output = run(&["--json", "-"]);
+    assert!(output.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (n, drawn) = {
+        let dets = json[0]["detections"].as_array().unwrap();
+        let above = dets
+            .iter()
+            .filter(|d| d["score"].as_f64().unwrap() as f32 >= 0.1);
+        (dets.len(), above.count())
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!(": {n} detections, {drawn} ≥ 0.1 drawn → ")),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// `load_with` uses the input size a checkpoint records (fine-tuned files do) unless the
+/// options set one, side by side.
+#[test]
+fn loading_uses_the_recorded_input_size_unless_set() {
+    use retinanet::train::checkpoint::{read_safetensors, write_safetensors};
+    let (tensors, mut metadata) = read_safetensors(&r18(), &Device::Cpu).unwrap();
+    metadata.insert("min_size".into(), "128".into());
+    metadata.insert("max_size".into(), "160".into());
+    let path = tmp("sized.safetensors");
+    write_safetensors(&path, &tensors, metadata).unwrap();
+    let size = |opts: &LoadOptions| {
+        let t = RetinaNet::load_with(&path, &Device::Cpu, opts)
+            .unwrap()
+            .transform;
+        (t.min_size, t.max_size)
+    };
+    assert_eq!(size(&LoadOptions::default()), (128, 160));
+    let min_only = LoadOptions {
+        min_size: Some(144),
+        ..Default::default()
+    };
+    assert_eq!(size(&min_only), (144, 160));
+    let both = LoadOptions {
+        min_size: Some(320),
+        max_size: Some(512),
+        ..Default::default()
+    };
+    assert_eq!(size(&both), (320, 512));
+    let unsized_model = RetinaNet::load_with(r18(), &Device::Cpu, &LoadOptions::default());
+    let t = unsized_model.unwrap().transform;
+    assert_eq!(
+        (t.min_size, t.max_size),
+        (800, 1333),
+        "torchvision's without metadata"
+    );
+}

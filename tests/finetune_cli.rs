@@ -43,8 +43,13 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Three BCCD images with their VOC annotations, side by side in a folder.
 fn bccd_subset() -> PathBuf {
+    bccd_subset_in("data")
+}
+
+/// As [`bccd_subset`], in a folder of its own (tests run in parallel).
+fn bccd_subset_in(name: &str) -> PathBuf {
     let bccd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/bccd");
-    let dir = tmp("data");
+    let dir = tmp(name);
     for i in 0..3 {
         let stem = format!("BloodImage_0000{i}");
         let jpg = format!("{stem}.jpg");
@@ -193,4 +198,36 @@ fn trains_logs_plots_resumes_and_detect_loads_the_result() {
     let again = finetune(&data, &full, &[]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+}
+
+/// `--box-loss` chooses the box loss: recorded in `run.json`, and a step's box loss differs
+/// from the default's (L1 for this v1 model) on the same batch; unknown names are refused.
+#[test]
+fn box_loss_flag_is_honoured() {
+    let data = bccd_subset_in("box-data");
+    let first_box_loss = |extra: &[&str], name: &str| {
+        let out = tmp(name);
+        let output = finetune(&data, &out, &[&["--stop-after", "1"], extra].concat());
+        check_ok(&output);
+        let run: Value =
+            serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+        let loss = records(&out)[0]["box_regression"].as_f64().unwrap();
+        (run.get("box_loss").cloned(), loss)
+    };
+    let (default_run, l1) = first_box_loss(&[], "box-default");
+    assert_eq!(default_run, None, "torchvision's default is not recorded");
+    let (smooth_run, smooth) = first_box_loss(&["--box-loss", "smooth-l1"], "box-smooth");
+    assert_eq!(
+        smooth_run,
+        Some(serde_json::json!({"SmoothL1": {"beta": 0.11}}))
+    );
+    assert!(l1 > 0.0 && smooth > 0.0 && l1 != smooth, "{l1} {smooth}");
+
+    let bad = finetune(&data, &tmp("box-bad"), &["--box-loss", "huber"]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        stderr.contains("huber") && stderr.contains("giou"),
+        "{stderr}"
+    );
 }

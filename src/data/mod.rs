@@ -49,9 +49,11 @@ pub use loader::{Batch, Batches, Loader, LoaderConfig, Target};
 /// Result type of this module.
 pub type Result<T, E = DataError> = std::result::Result<T, E>;
 
-/// Image extensions tried, in this order, when an annotation names an image that is not
-/// there; `image` decodes all of them with this crate's features.
-pub const IMAGE_EXTENSIONS: [&str; 5] = ["jpg", "jpeg", "png", "JPG", "PNG"];
+/// The image extensions this crate decodes (with `image`'s features it enables), lower case;
+/// matched case-insensitively. Folders yield these files; an annotation naming a missing
+/// image falls back to a file with the same stem and one of these (tried in this order, then
+/// in upper case).
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
 /// Split folder and list names tried for a split, so `val` also finds `valid`.
 fn split_aliases(split: &str) -> Vec<String> {
@@ -527,9 +529,9 @@ fn extension(path: &Path) -> Option<String> {
         .map(|e| e.to_ascii_lowercase())
 }
 
-/// Whether a path has an image extension this crate decodes.
-fn is_image(path: &Path) -> bool {
-    matches!(extension(path).as_deref(), Some("jpg" | "jpeg" | "png"))
+/// Whether a path has one of the [`IMAGE_EXTENSIONS`], in any case.
+pub fn is_image(path: &Path) -> bool {
+    extension(path).is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.as_str()))
 }
 
 /// Files (not folders) of a folder, sorted by name.
@@ -644,7 +646,8 @@ fn resolve_image(
         return Ok(Some(direct));
     }
     if let Some(stem) = Path::new(name).file_stem() {
-        for ext in IMAGE_EXTENSIONS {
+        let lower = IMAGE_EXTENSIONS.iter().map(|e| e.to_string());
+        for ext in lower.chain(IMAGE_EXTENSIONS.iter().map(|e| e.to_ascii_uppercase())) {
             let mut file_name = stem.to_os_string();
             file_name.push(format!(".{ext}"));
             let candidate = dir.join(file_name);

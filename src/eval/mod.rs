@@ -43,6 +43,9 @@ mod results;
 pub use coco_json::{detections_from_json_file, detections_from_json_str};
 pub use results::{format_per_class, format_summary, ClassAp, Evaluation, PrCurve, Summary};
 
+mod model;
+pub use model::{evaluate_model, predictions};
+
 /// Number of IoU thresholds (pycocotools' `T`).
 pub const NUM_IOU_THRESHOLDS: usize = 10;
 /// Number of recall thresholds (pycocotools' `R`).

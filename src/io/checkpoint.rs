@@ -18,8 +18,6 @@ use candle_nn::VarBuilder;
 use crate::model::backbone::{BlockKind, ResNetConfig};
 use crate::model::fpn::ExtraInput;
 use crate::model::RetinaNetConfig;
-use crate::model::postprocess::PostProcessConfig;
-use crate::model::transform::TransformConfig;
 use crate::{Error, Result};
 
 enum Store {
@@ -47,43 +45,6 @@ impl std::fmt::Debug for Checkpoint {
             .field("path", &self.inner.path)
             .field("tensors", &self.inner.tensors.len())
             .finish()
-    }
-}
-
-/// How to load a model; everything not set is read from the checkpoint or defaulted.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    /// Architecture; `None` infers it from the checkpoint.
-    pub config: Option<RetinaNetConfig>,
-    /// Frozen batch-norm eps; `None` uses the checkpoint's metadata, else 0.0 for v1 (as
-    /// torchvision's COCO v1 weights need) and 1e-5 for v2.
-    pub bn_eps: Option<f64>,
-    /// Data type of weights and activations.
-    pub dtype: DType,
-    /// Image transform.
-    pub transform: TransformConfig,
-    /// Post-processing.
-    pub postprocess: PostProcessConfig,
-    /// Fold batch norm and use the fast inference kernels (see
-    /// [`RetinaNet::fuse_for_inference`](crate::RetinaNet::fuse_for_inference)); turn off to
-    /// keep the model differentiable.
-    pub fuse: bool,
-    /// Precision of the fused CPU kernels' products in the FPN and heads: f32, or bf16 on
-    /// CPUs with AVX512-BF16 (see `conv::Precision` and `RetinaNet::fuse_for_inference_with`).
-    pub precision: crate::kernels::Precision,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            config: None,
-            bn_eps: None,
-            dtype: DType::F32,
-            transform: TransformConfig::default(),
-            postprocess: PostProcessConfig::default(),
-            fuse: true,
-            precision: crate::kernels::Precision::F32,
-        }
     }
 }
 

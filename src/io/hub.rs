@@ -14,12 +14,12 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 use sha2::{Digest, Sha256};
 
+use crate::io::atomic::{unique_suffix, write_atomic, TempGuard};
 use crate::{Error, Result};
 
 /// torchvision's model URL root.
@@ -65,7 +65,8 @@ fn torchvision_url(opts: &HubOptions, file: &str) -> String {
     format!("{}/{file}", opts.torchvision_url.trim_end_matches('/'))
 }
 
-fn hf_url(opts: &HubOptions, repo: &str, revision: &str, file: &str) -> String {
+/// The download URL of a Hub file under `opts`.
+pub fn hf_url(opts: &HubOptions, repo: &str, revision: &str, file: &str) -> String {
     format!(
         "{}/{repo}/resolve/{revision}/{file}",
         opts.hf_endpoint.trim_end_matches('/')
@@ -207,52 +208,25 @@ fn hf_repo_cache(opts: &HubOptions, repo: &str, revision: &str) -> hf_hub::Cache
     Cache::new(opts.hf_cache.clone()).repo(hf_repo(repo, revision))
 }
 
-fn offline_error(url: String, cache: &Path) -> Error {
-    Error::Download {
-        url,
-        message: format!(
-            "offline mode (HF_HUB_OFFLINE is set) and the file is not in the cache {}; \
-             run once with network access, or pass the file itself",
-            cache.display()
-        ),
+/// Before a download of `url` into `cache`: refuses in offline mode, creates the folder.
+fn prepare_download(url: &str, cache: &Path, opts: &HubOptions) -> Result<()> {
+    if opts.offline {
+        return Err(Error::Download {
+            url: url.to_string(),
+            message: format!(
+                "offline mode (HF_HUB_OFFLINE is set) and the file is not in the cache {}; \
+                 run once with network access, or pass the file itself",
+                cache.display()
+            ),
+        });
     }
+    std::fs::create_dir_all(cache).map_err(io_error(cache))
 }
 
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-/// A unique name for temporary files of this process.
-fn unique_suffix() -> String {
-    static COUNTER: AtomicUsize = AtomicUsize::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Removes a file or folder when dropped (unless disarmed).
-struct Cleanup(Option<PathBuf>);
-
-impl Cleanup {
-    fn disarm(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Some(p) = self.0.take() {
-            let _ = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-        }
     }
 }
 
@@ -316,13 +290,10 @@ fn fetch_url(file: &str, sha256: Option<&str>, opts: &HubOptions) -> Result<Path
     if dest.is_file() {
         return Ok(dest);
     }
-    if opts.offline {
-        return Err(offline_error(url, &opts.torch_cache));
-    }
     let dir = &opts.torch_cache;
-    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    prepare_download(&url, dir, opts)?;
     let tmp = dir.join(format!(".{file}.{}.part", unique_suffix()));
-    let mut cleanup = Cleanup(Some(tmp.clone()));
+    let mut cleanup = TempGuard::new(tmp.clone());
 
     let download = |message: String| Error::Download {
         url: url.clone(),
@@ -409,13 +380,10 @@ pub fn fetch_hf(
     if let Some(path) = hf_repo_cache(opts, repo, revision).get(file) {
         return Ok(path);
     }
-    if opts.offline {
-        return Err(offline_error(url, &opts.hf_cache));
-    }
     let cache_dir = &opts.hf_cache;
-    std::fs::create_dir_all(cache_dir).map_err(io_error(cache_dir))?;
+    prepare_download(&url, cache_dir, opts)?;
     let staging = cache_dir.join(format!(".retinanet-staging-{}", unique_suffix()));
-    let _cleanup = Cleanup(Some(staging.clone()));
+    let _cleanup = TempGuard::new(staging.clone());
 
     let api = ApiBuilder::from_cache(Cache::new(staging.clone()))
         .with_endpoint(opts.hf_endpoint.trim_end_matches('/').to_string())
@@ -501,7 +469,7 @@ fn install_hf(
 /// symlinks are unavailable, a copy.
 fn link_blob(blob: &Path, pointer: &Path, file: &str) -> Result<()> {
     let tmp = pointer.with_file_name(format!(".link-{}", unique_suffix()));
-    let mut cleanup = Cleanup(Some(tmp.clone()));
+    let mut cleanup = TempGuard::new(tmp.clone());
     #[cfg(unix)]
     {
         let ups = 1 + Path::new(file).components().count();
@@ -519,32 +487,6 @@ fn link_blob(blob: &Path, pointer: &Path, file: &str) -> Result<()> {
         std::fs::copy(blob, &tmp).map_err(io_error(&tmp))?;
     }
     std::fs::rename(&tmp, pointer).map_err(io_error(pointer))?;
-    cleanup.disarm();
-    Ok(())
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so
-/// readers see the old content or the new, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        unique_suffix()
-    ));
-    let mut cleanup = Cleanup(Some(tmp.clone()));
-    let mut f = std::fs::File::create(&tmp).map_err(io_error(&tmp))?;
-    f.write_all(bytes).map_err(io_error(&tmp))?;
-    f.sync_all().map_err(io_error(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_error(path))?;
     cleanup.disarm();
     Ok(())
 }

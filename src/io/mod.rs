@@ -1,6 +1,10 @@
-//! Files and downloads: checkpoint reading, the model zoo and the Hugging Face / torchvision
-//! downloads behind it.
+//! Files and downloads: checkpoint reading, model loading and resolution, the model zoo and
+//! the Hugging Face / torchvision downloads behind it, atomic writes and annotated images.
 
+pub mod annotate;
+pub mod atomic;
 pub mod checkpoint;
 pub mod hub;
+pub mod load;
+pub mod results;
 pub mod zoo;

@@ -3,7 +3,7 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), retinanet::Error> {
-//! use retinanet::{hub::HubOptions, zoo, LoadOptions};
+//! use retinanet::{io::hub::HubOptions, zoo, LoadOptions};
 //! let entry = zoo::find("retinanet_resnet50_fpn_coco")?;
 //! let hub = HubOptions::from_env()?;
 //! let model = entry.load(&candle_core::Device::Cpu, &LoadOptions::default(), &hub)?;
@@ -11,7 +11,7 @@
 //! # }
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 
@@ -253,6 +253,76 @@ pub fn find(name: &str) -> Result<&'static ZooEntry> {
     })
 }
 
+/// The zoo as a text table: name, architecture, accuracy and download URL (under `hub`,
+/// else the source).
+pub fn table(hub: Option<&HubOptions>) -> String {
+    let mut text = format!(
+        "{:<32} {:<40} {:<28} source\n",
+        "name", "architecture", "accuracy"
+    );
+    for e in ZOO {
+        let url = hub.map_or_else(|| format!("{:?}", e.source), |h| e.url(h));
+        let accuracy = format!("{} {}", e.accuracy.metric, e.accuracy.value);
+        let arch = e.architecture.describe();
+        text += &format!("{:<32} {arch:<40} {accuracy:<28} {url}\n", e.name);
+    }
+    text
+}
+
+/// Where a model comes from, as [`resolve`] reads a command line's model argument.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A checkpoint file: `.safetensors` or torchvision `.pth`.
+    File(PathBuf),
+    /// A file on the Hugging Face Hub.
+    Hub {
+        /// `OWNER/NAME`.
+        repo: String,
+        /// Branch, tag or commit (`main` unless given).
+        revision: String,
+        /// Path of the file in the repository.
+        file: String,
+    },
+    /// A zoo model, downloaded and verified once.
+    Zoo(&'static ZooEntry),
+}
+
+/// Reads a model argument: `hf:OWNER/NAME/FILE[@REVISION]`, a checkpoint path (an existing
+/// file, or a name ending in `.safetensors` or `.pth`), else a zoo name.
+pub fn resolve(spec: &str) -> Result<ModelSource> {
+    if spec.starts_with("hf:") {
+        return parse_hf(spec);
+    }
+    let path = Path::new(spec);
+    let is_checkpoint = matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("safetensors" | "pth")
+    );
+    if is_checkpoint || path.is_file() {
+        return Ok(ModelSource::File(path.to_path_buf()));
+    }
+    find(spec).map(ModelSource::Zoo)
+}
+
+/// `hf:OWNER/NAME/FILE[@REVISION]` → [`ModelSource::Hub`].
+fn parse_hf(spec: &str) -> Result<ModelSource> {
+    let rest = spec.trim_start_matches("hf:");
+    let (rest, revision) = rest.rsplit_once('@').unwrap_or((rest, "main"));
+    let mut parts = rest.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(owner), Some(name), Some(file)) if ![owner, name, file, revision].contains(&"") => {
+            Ok(ModelSource::Hub {
+                repo: format!("{owner}/{name}"),
+                revision: revision.to_string(),
+                file: file.to_string(),
+            })
+        }
+        _ => Err(Error::Invalid(format!(
+            "{spec}: expected hf:OWNER/NAME/FILE[@REVISION]"
+        ))),
+    }
+}
+
 impl ZooEntry {
     /// Whether this is a detector (as opposed to a backbone for fine-tuning).
     pub fn is_detector(&self) -> bool {
@@ -306,6 +376,36 @@ mod tests {
             "{err}"
         );
         assert!(find(DEFAULT_MODEL).unwrap().is_detector());
+    }
+
+    #[test]
+    fn specs_resolve_to_files_hub_files_and_zoo_models() {
+        assert_eq!(
+            resolve("runs/final.safetensors").unwrap(),
+            ModelSource::File("runs/final.safetensors".into())
+        );
+        assert_eq!(
+            resolve("hf:me/trees/model.safetensors@v1").unwrap(),
+            ModelSource::Hub {
+                repo: "me/trees".into(),
+                revision: "v1".into(),
+                file: "model.safetensors".into(),
+            }
+        );
+        let ModelSource::Hub { revision, file, .. } = resolve("hf:me/trees/a/b.pth").unwrap()
+        else {
+            panic!("not a Hub file");
+        };
+        assert_eq!((revision.as_str(), file.as_str()), ("main", "a/b.pth"));
+        for bad in ["hf:only-owner", "hf:me/trees/", "hf:me/trees/f@"] {
+            let err = resolve(bad).unwrap_err().to_string();
+            assert!(err.contains("hf:OWNER/NAME/FILE"), "{err}");
+        }
+        assert_eq!(
+            resolve(DEFAULT_MODEL).unwrap(),
+            ModelSource::Zoo(find(DEFAULT_MODEL).unwrap())
+        );
+        assert!(resolve("retinanet_nope").is_err());
     }
 
     #[test]

@@ -1,16 +1,13 @@
 //! The RetinaNet detector: backbone → FPN → head → anchors → detections.
 
-use std::path::Path;
-
 use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
+use crate::kernels::Precision;
 use crate::model::anchors::AnchorGenerator;
 use crate::model::backbone::{ResNet, ResNetConfig};
 use crate::model::box_coder::BoxCoder;
-use crate::io::checkpoint::{Checkpoint, LoadOptions};
-use crate::kernels::Precision;
 use crate::model::fpn::{ExtraInput, Fpn};
 use crate::model::head::RetinaNetHead;
 use crate::model::postprocess::{sigmoid, Detection, LevelCandidates, PostProcessConfig};
@@ -162,52 +159,6 @@ impl RetinaNet {
             device: vb.device().clone(),
             dtype: vb.dtype(),
         })
-    }
-
-    /// Loads a checkpoint (`.safetensors` or `.pth`) with default options.
-    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        Self::load_with(path, device, &LoadOptions::default())
-    }
-
-    /// Loads a checkpoint with explicit options.
-    pub fn load_with(path: impl AsRef<Path>, device: &Device, opts: &LoadOptions) -> Result<Self> {
-        let ckpt = Checkpoint::open(path)?;
-        let mut config = match &opts.config {
-            Some(c) => c.clone(),
-            None => ckpt.infer_config()?,
-        };
-        if let Some(eps) = opts.bn_eps {
-            config.bn_eps = eps;
-        }
-        let mut model = ckpt.build(opts.dtype, device, |vb| Self::new(&config, vb))?;
-        if opts.fuse {
-            model.fuse_for_inference_with(opts.precision)?;
-        }
-        model.transform = opts.transform.clone();
-        model.postprocess = opts.postprocess.clone();
-        model.class_names = match ckpt.class_names()? {
-            Some(names) => Some(names),
-            None if config.num_classes == crate::classes::COCO_91.len() => Some(
-                crate::classes::COCO_91
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-            ),
-            None => None,
-        };
-        if let Some(names) = &model.class_names {
-            if names.len() != config.num_classes {
-                return Err(Error::Checkpoint {
-                    path: ckpt.path().to_path_buf(),
-                    message: format!(
-                        "metadata names {} classes, the model has {}",
-                        names.len(),
-                        config.num_classes
-                    ),
-                });
-            }
-        }
-        Ok(model)
     }
 
     /// Prepares the network for inference: folds frozen batch norm into the convolutions and,

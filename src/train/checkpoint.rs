@@ -2,12 +2,11 @@
 //! [`crate::RetinaNet::load`] reads unchanged (metadata `bn_eps`, `class_names`, `step`), and
 //! beside it `<stem>.optim.safetensors` with the momentum buffers and the step.
 //!
-//! Each file is written to a temporary name, synced and renamed, so a crash leaves either the
-//! old file or the new one. The optimiser state is written first; resume checks that both
+//! Each file is written atomically ([`crate::io::atomic`]), so a crash leaves either the old
+//! file or the new one. The optimiser state is written first; resume checks that both
 //! files carry the same step.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -36,10 +35,6 @@ pub fn write_safetensors_as(
     metadata: HashMap<String, String>,
     dtype: DType,
 ) -> Result<()> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let host = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?)))
@@ -51,17 +46,7 @@ pub fn write_safetensors_as(
                 message: format!("cannot serialise: {e}"),
             }
         })?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::File::create(&tmp).map_err(io)?;
-    f.write_all(&bytes).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io)
+    crate::io::atomic::write_atomic(path, &bytes)
 }
 
 /// Reads every tensor of a safetensors file and its metadata.

@@ -17,6 +17,7 @@
 pub mod checkpoint;
 pub mod optim;
 pub mod params;
+pub mod run;
 pub mod trainer;
 
 pub use crate::model::focal_loss::{BoxLoss, LossConfig, Losses};
