@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use retinanet::{Checkpoint, Detection, LoadOptions, RetinaNet, TransformConfig};
+use retinanet::{Checkpoint, Detection, LoadOptions, RetinaNet, RetinaNetConfig, TransformConfig};
 
 const MAX_REL_ERR: f32 = 1e-4;
 
@@ -194,9 +194,9 @@ fn pth_and_safetensors_hold_the_same_weights() {
             pth.names().collect::<Vec<_>>(),
             "{name}: tensor names"
         );
-        let mut config = st.infer_config().unwrap();
+        let mut config = RetinaNetConfig::infer(&st).unwrap();
         assert_eq!(config, {
-            let mut c = pth.infer_config().unwrap();
+            let mut c = RetinaNetConfig::infer(&pth).unwrap();
             c.bn_eps = config.bn_eps; // the .pth carries no metadata
             c
         });
@@ -229,7 +229,7 @@ fn architecture_is_read_from_the_checkpoint() {
     ];
     for (name, depth, k, v2, eps) in expect {
         let ckpt = Checkpoint::open(config_dir(name).join("model.safetensors")).unwrap();
-        let c = ckpt.infer_config().unwrap();
+        let c = RetinaNetConfig::infer(&ckpt).unwrap();
         assert_eq!(c.backbone.depth(), Some(depth), "{name}");
         assert_eq!(c.num_classes, k, "{name}");
         assert_eq!(c.head_group_norm, v2, "{name}");

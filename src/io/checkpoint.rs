@@ -1,8 +1,8 @@
 //! Reading torchvision checkpoints: `.safetensors` (memory-mapped) and zip-format `.pth`.
 //!
 //! Tensor names are normalised to torchvision's current layout (pre-0.13 head and FPN keys,
-//! a `module.` prefix and `num_batches_tracked` buffers are accepted), the architecture is
-//! inferred from names and shapes, and the model is built through a [`VarBuilder`] backend
+//! a `module.` prefix and `num_batches_tracked` buffers are accepted), and the model is built
+//! through a [`VarBuilder`] backend
 //! that checks every shape and records which tensors were used, so missing, mis-shaped and
 //! unexpected tensors are reported by name.
 
@@ -15,11 +15,9 @@ use candle_core::{pickle::PthTensors, DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::model::backbone::{BlockKind, ResNetConfig};
-use crate::model::fpn::ExtraInput;
-use crate::model::RetinaNetConfig;
 use crate::model::postprocess::PostProcessConfig;
 use crate::model::transform::TransformConfig;
+use crate::model::RetinaNetConfig;
 use crate::{Error, Result};
 
 enum Store {
@@ -209,77 +207,6 @@ impl Checkpoint {
             path: self.inner.path.clone(),
             message,
         }
-    }
-
-    fn require_shape(&self, name: &str, rank: usize) -> Result<&[usize]> {
-        match self.shape(name) {
-            Some(s) if s.len() == rank => Ok(s),
-            Some(s) => Err(self.err(format!(
-                "tensor `{name}` has shape {s:?}, expected rank {rank}"
-            ))),
-            None => Err(self.err(format!(
-                "not a torchvision RetinaNet checkpoint: no tensor `{name}`"
-            ))),
-        }
-    }
-
-    /// Infers the architecture: ResNet depth from block counts, v1/v2 from the head's norm
-    /// layers and the P6 input channels, and the class count from `cls_logits`.
-    pub fn infer_config(&self) -> Result<RetinaNetConfig> {
-        let block = if self.shape("backbone.body.layer1.0.conv3.weight").is_some() {
-            BlockKind::Bottleneck
-        } else {
-            BlockKind::Basic
-        };
-        let mut layers = [0; 4];
-        for (l, count) in layers.iter_mut().enumerate() {
-            let prefix = format!("backbone.body.layer{}.", l + 1);
-            while self
-                .shape(&format!("{prefix}{count}.conv1.weight"))
-                .is_some()
-            {
-                *count += 1;
-            }
-            if *count == 0 {
-                return Err(self.err(format!(
-                    "not a torchvision ResNet backbone: no tensor `{prefix}0.conv1.weight`"
-                )));
-            }
-        }
-        let fpn_channels = self.require_shape("backbone.fpn.inner_blocks.0.0.weight", 4)?[0];
-        let p6_in = self.require_shape("backbone.fpn.extra_blocks.p6.weight", 4)?[1];
-        let extra_input = if p6_in == fpn_channels {
-            ExtraInput::P5
-        } else {
-            ExtraInput::C5
-        };
-        let reg_out = self.require_shape("head.regression_head.bbox_reg.weight", 4)?[0];
-        let cls_out = self.require_shape("head.classification_head.cls_logits.weight", 4)?[0];
-        let num_anchors = reg_out / 4;
-        if reg_out % 4 != 0 || num_anchors == 0 || cls_out % num_anchors != 0 {
-            return Err(self.err(format!(
-                "head shapes disagree: bbox_reg has {reg_out} outputs, cls_logits {cls_out}"
-            )));
-        }
-        let head_group_norm = self
-            .shape("head.classification_head.conv.0.1.weight")
-            .is_some();
-        let bn_eps = match self.metadata().get("bn_eps") {
-            Some(s) => s
-                .parse()
-                .map_err(|_| self.err(format!("metadata `bn_eps` is not a number: {s:?}")))?,
-            None if head_group_norm => 1e-5,
-            None => 0.0,
-        };
-        Ok(RetinaNetConfig {
-            backbone: ResNetConfig { block, layers },
-            num_classes: cls_out / num_anchors,
-            num_anchors,
-            fpn_channels,
-            extra_input,
-            head_group_norm,
-            bn_eps,
-        })
     }
 
     /// A [`VarBuilder`] over this checkpoint and the tracker of which tensors it served.

@@ -13,8 +13,8 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::model::matcher::{BACKGROUND, IGNORED};
 use crate::model::box_coder::BoxCoder;
+use crate::model::matcher::{BACKGROUND, IGNORED};
 use crate::Result;
 
 /// Box regression loss.

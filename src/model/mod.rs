@@ -1,5 +1,6 @@
 //! The detector of the paper, one file per part, in the order an image flows through them:
 //!
+//! - [`config`]: the architecture, built or inferred from a checkpoint;
 //! - [`transform`]: RGB image → normalised, resized, zero-padded batch tensor;
 //! - [`backbone`]: ResNet, C3–C5 (§4, "Feature Pyramid Network Backbone");
 //! - [`fpn`]: P3–P7;
@@ -14,6 +15,7 @@
 pub mod anchors;
 pub mod backbone;
 pub mod box_coder;
+pub mod config;
 pub mod focal_loss;
 pub mod fpn;
 pub mod head;
@@ -22,4 +24,5 @@ pub mod postprocess;
 pub mod retinanet;
 pub mod transform;
 
-pub use retinanet::{RawOutput, RetinaNet, RetinaNetConfig};
+pub use config::RetinaNetConfig;
+pub use retinanet::{RawOutput, RetinaNet};

@@ -6,82 +6,17 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use crate::model::anchors::AnchorGenerator;
-use crate::model::backbone::{ResNet, ResNetConfig};
-use crate::model::box_coder::BoxCoder;
 use crate::io::checkpoint::{Checkpoint, LoadOptions};
 use crate::kernels::Precision;
-use crate::model::fpn::{ExtraInput, Fpn};
+use crate::model::anchors::AnchorGenerator;
+use crate::model::backbone::ResNet;
+use crate::model::box_coder::BoxCoder;
+use crate::model::config::RetinaNetConfig;
+use crate::model::fpn::Fpn;
 use crate::model::head::RetinaNetHead;
 use crate::model::postprocess::{sigmoid, Detection, LevelCandidates, PostProcessConfig};
 use crate::model::transform::{ImageBatch, TransformConfig};
 use crate::{Error, Result};
-
-/// Architecture of a RetinaNet.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RetinaNetConfig {
-    /// ResNet trunk.
-    pub backbone: ResNetConfig,
-    /// Number of classes K (torchvision's COCO models: 91, indexed by category id).
-    pub num_classes: usize,
-    /// Anchors per location A.
-    pub num_anchors: usize,
-    /// FPN width.
-    pub fpn_channels: usize,
-    /// P6 from P5 (v1) or C5 (v2).
-    pub extra_input: ExtraInput,
-    /// GroupNorm(32) after each head conv (v2).
-    pub head_group_norm: bool,
-    /// Frozen batch-norm eps.
-    pub bn_eps: f64,
-}
-
-impl RetinaNetConfig {
-    /// torchvision's `retinanet_resnet50_fpn` layout (v1) on a ResNet of `depth`, with the
-    /// COCO checkpoint's batch-norm eps of 0.
-    pub fn v1(depth: usize, num_classes: usize) -> Result<Self> {
-        Ok(Self {
-            backbone: resnet(depth)?,
-            num_classes,
-            num_anchors: 9,
-            fpn_channels: 256,
-            extra_input: ExtraInput::P5,
-            head_group_norm: false,
-            bn_eps: 0.0,
-        })
-    }
-
-    /// torchvision's `retinanet_resnet50_fpn_v2` layout on a ResNet of `depth`.
-    pub fn v2(depth: usize, num_classes: usize) -> Result<Self> {
-        Ok(Self {
-            extra_input: ExtraInput::C5,
-            head_group_norm: true,
-            bn_eps: 1e-5,
-            ..Self::v1(depth, num_classes)?
-        })
-    }
-
-    /// A short human-readable description, e.g. `ResNet-50 FPN v1, 91 classes`.
-    pub fn describe(&self) -> String {
-        let depth = self
-            .backbone
-            .depth()
-            .map_or_else(|| format!("{:?}", self.backbone.layers), |d| d.to_string());
-        let version = if self.head_group_norm { "v2" } else { "v1" };
-        format!(
-            "ResNet-{depth} FPN {version} (P6 from {:?}), {} classes, bn eps {}",
-            self.extra_input, self.num_classes, self.bn_eps
-        )
-    }
-}
-
-fn resnet(depth: usize) -> Result<ResNetConfig> {
-    ResNetConfig::from_depth(depth).ok_or_else(|| {
-        Error::Invalid(format!(
-            "unsupported ResNet depth {depth} (expected 18, 34, 50, 101 or 152)"
-        ))
-    })
-}
 
 /// Everything the network computes for a batch, before post-processing.
 #[derive(Debug, Clone)]
@@ -174,7 +109,7 @@ impl RetinaNet {
         let ckpt = Checkpoint::open(path)?;
         let mut config = match &opts.config {
             Some(c) => c.clone(),
-            None => ckpt.infer_config()?,
+            None => RetinaNetConfig::infer(&ckpt)?,
         };
         if let Some(eps) = opts.bn_eps {
             config.bn_eps = eps;

@@ -22,6 +22,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::io::checkpoint::Checkpoint;
+use crate::model::config::resnet_blocks;
 use crate::model::{RetinaNet, RetinaNetConfig};
 use crate::{Error, Result};
 
@@ -477,31 +478,16 @@ pub fn config_for(start: &Start, num_classes: usize) -> Result<RetinaNetConfig> 
         )),
         Start::RetinaNet(p) => Ok(RetinaNetConfig {
             num_classes,
-            ..Checkpoint::open(p)?.infer_config()?
+            ..RetinaNetConfig::infer(&Checkpoint::open(p)?)?
         }),
         Start::Backbone(p) => {
-            let ckpt = Checkpoint::open(p)?;
-            let bottleneck = ckpt.shape("layer1.0.conv3.weight").is_some();
-            let mut layers = [0usize; 4];
-            for (l, count) in layers.iter_mut().enumerate() {
-                while ckpt
-                    .shape(&format!("layer{}.{count}.conv1.weight", l + 1))
-                    .is_some()
-                {
-                    *count += 1;
-                }
-            }
-            let backbone = crate::model::backbone::ResNetConfig {
-                block: if bottleneck {
-                    crate::model::backbone::BlockKind::Bottleneck
-                } else {
-                    crate::model::backbone::BlockKind::Basic
-                },
-                layers,
-            };
+            let backbone = resnet_blocks(&Checkpoint::open(p)?, "");
             let depth = backbone.depth().ok_or_else(|| Error::Checkpoint {
                 path: p.clone(),
-                message: format!("not a standard ResNet (blocks per stage {layers:?})"),
+                message: format!(
+                    "not a standard ResNet (blocks per stage {:?})",
+                    backbone.layers
+                ),
             })?;
             Ok(RetinaNetConfig {
                 bn_eps: 1e-5,

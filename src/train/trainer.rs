@@ -26,13 +26,15 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use image::RgbImage;
 
-use crate::model::matcher::{resize_boxes, Matcher};
-use super::checkpoint::{optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as};
-use crate::model::focal_loss::{retinanet_losses, LossConfig, LossTargets, Losses};
+use super::checkpoint::{
+    optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as,
+};
 use super::optim::{clip_grad_norm, LrSchedule, Sgd, SgdConfig};
 use super::params::{
     initial_values, load_exact, role, BackboneNorm, InitReport, ParamStore, Start,
 };
+use crate::model::focal_loss::{retinanet_losses, LossConfig, LossTargets, Losses};
+use crate::model::matcher::{resize_boxes, Matcher};
 use crate::model::{RawOutput, RetinaNet, RetinaNetConfig};
 use crate::{Error, Result};
 
