@@ -212,14 +212,11 @@ impl Checkpoint {
     /// A [`VarBuilder`] over this checkpoint and the tracker of which tensors it served.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> (VarBuilder<'static>, Usage) {
         let usage = Usage::default();
-        let backend = Backend {
+        let served = Served {
             ckpt: self.clone(),
             usage: usage.clone(),
         };
-        (
-            VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
-            usage,
-        )
+        (var_builder(served, dtype, device), usage)
     }
 
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
@@ -290,54 +287,103 @@ impl Usage {
     }
 }
 
-struct Backend {
-    ckpt: Checkpoint,
-    usage: Usage,
+/// What a model being built asks a [`TensorStore`] for.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// Full name, e.g. `backbone.body.conv1.weight`.
+    pub name: &'a str,
+    /// The shape the model expects.
+    pub shape: &'a [usize],
+    /// The initialisation the model declares for a new tensor (ignored by stores that
+    /// hold values).
+    pub init: candle_nn::Init,
+    /// The data type the model asks for.
+    pub dtype: DType,
+    /// The device the model lives on.
+    pub device: &'a Device,
 }
 
-impl SimpleBackend for Backend {
+/// A source of named tensors a model is built from: a checkpoint, the training parameter
+/// store, a recorder of what the model declares. One adapter makes each a [`VarBuilder`]
+/// backend ([`var_builder`]).
+pub trait TensorStore: Send + Sync + 'static {
+    /// The tensor `request` asks for; an error says which tensor and why.
+    fn tensor(&self, request: &Request) -> candle_core::Result<Tensor>;
+    /// Whether the store holds `name`.
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// A [`VarBuilder`] over `store`, making tensors of `dtype` on `device`.
+pub fn var_builder(store: impl TensorStore, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(Backend(store)), dtype, device.clone())
+}
+
+struct Backend<S>(S);
+
+impl<S: TensorStore> SimpleBackend for Backend<S> {
     fn get(
         &self,
         s: Shape,
         name: &str,
-        _: candle_nn::Init,
+        init: candle_nn::Init,
         dtype: DType,
-        dev: &Device,
+        device: &Device,
     ) -> candle_core::Result<Tensor> {
+        self.0.tensor(&Request {
+            name,
+            shape: s.dims(),
+            init,
+            dtype,
+            device,
+        })
+    }
+
+    /// Every tensor of a RetinaNet has a known shape: a request without one is a bug.
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("`{name}` asked for without a shape")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}
+
+/// A checkpoint serving a build, recording what it served.
+struct Served {
+    ckpt: Checkpoint,
+    usage: Usage,
+}
+
+impl TensorStore for Served {
+    fn tensor(&self, request: &Request) -> candle_core::Result<Tensor> {
+        let (name, expected) = (request.name, request.shape);
         let path = self.ckpt.inner.path.clone();
         let Some(actual) = self.ckpt.shape(name) else {
             return Err(self.usage.fail(Error::MissingTensor {
                 path,
                 name: name.to_string(),
-                expected: s.dims().to_vec(),
+                expected: expected.to_vec(),
             }));
         };
-        if actual != s.dims() {
+        if actual != expected {
             return Err(self.usage.fail(Error::ShapeMismatch {
                 path,
                 name: name.to_string(),
-                expected: s.dims().to_vec(),
+                expected: expected.to_vec(),
                 actual: actual.to_vec(),
             }));
         }
         if let Ok(mut used) = self.usage.used.lock() {
             used.insert(name.to_string());
         }
-        let t = self.ckpt.load(name, dev).map_err(|e| self.usage.fail(e))?;
-        t.to_dtype(dtype)
+        let t = self
+            .ckpt
+            .load(name, request.device)
+            .map_err(|e| self.usage.fail(e))?;
+        t.to_dtype(request.dtype)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        if let Ok(mut used) = self.usage.used.lock() {
-            used.insert(name.to_string());
-        }
-        self.ckpt
-            .load(name, dev)
-            .map_err(|e| self.usage.fail(e))?
-            .to_dtype(dtype)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
+    fn contains(&self, name: &str) -> bool {
         self.ckpt.shape(name).is_some()
     }
 }
