@@ -29,10 +29,11 @@ use image::RgbImage;
 use super::checkpoint::{
     optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as,
 };
-use super::optim::{clip_grad_norm, LrSchedule, Sgd, SgdConfig};
+use super::optim::{clip_grad_norm, Sgd, SgdConfig};
 use super::params::{
     initial_values, load_exact, role, BackboneNorm, InitReport, ParamStore, Start,
 };
+use super::schedule::LrSchedule;
 use crate::model::focal_loss::{retinanet_losses, LossConfig, LossTargets, Losses};
 use crate::model::matcher::{resize_boxes, Matcher};
 use crate::model::{RawOutput, RetinaNet, RetinaNetConfig};
