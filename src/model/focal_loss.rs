@@ -1,4 +1,5 @@
-//! RetinaNet's training losses, as torchvision computes them.
+//! The focal loss (§3, "Focal Loss"; §4.1, "Focal Loss") and the box losses: RetinaNet's
+//! training losses, as torchvision computes them.
 //!
 //! - Classification: sigmoid focal loss (α = 0.25, γ = 2) summed over the foreground and
 //!   background anchors of an image (ignored anchors excluded), divided by its number of

@@ -1,6 +1,7 @@
-//! Post-processing, as torchvision's `RetinaNet.postprocess_detections`: per level, sigmoid
-//! scores above a threshold, the top candidates, box decoding and clipping; then per-class
-//! non-maximum suppression over all levels and the best detections per image.
+//! Inference post-processing (§4.1, "Inference"), as torchvision's
+//! `RetinaNet.postprocess_detections`: per level, sigmoid scores above a threshold, the top
+//! candidates, box decoding and clipping; then per-class non-maximum suppression over all
+//! levels, the best detections per image, and their boxes mapped back to the original image.
 //!
 //! It runs in plain Rust on the few thousand candidates that pass the threshold; the model
 //! only copies those rows off its device.

@@ -1,4 +1,6 @@
-//! The RetinaNet detector: backbone → FPN → head → anchors → detections.
+//! The RetinaNet detector (§4, "RetinaNet Detector"): an image followed top to bottom,
+//! [`RetinaNet::preprocess`] → [`RetinaNet::forward_raw`] (backbone → FPN → head, anchors)
+//! → [`RetinaNet::postprocess`] → detections.
 
 use std::path::Path;
 
