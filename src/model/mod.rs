@@ -3,7 +3,7 @@
 //! - [`config`]: the architecture, built or inferred from a checkpoint (§4);
 //! - [`transform`]: RGB image → normalised, resized, zero-padded batch tensor (§5);
 //! - [`backbone`]: ResNet, C3–C5 (§4, "Feature Pyramid Network Backbone");
-//! - [`fpn`]: P3–P7;
+//! - [`fpn`]: the pyramid P3–P7 (§4, "Feature Pyramid Network Backbone");
 //! - [`head`]: the classification and box subnets, with their initialisation (§4, §4.1);
 //! - [`anchors`]: 9 anchors per location (§4, "Anchors");
 //! - [`box_coder`]: box deltas ↔ boxes (§4, "Box Regression Subnet");

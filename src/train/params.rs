@@ -130,9 +130,12 @@ pub fn role(name: &str, trainable_backbone_layers: usize, norm: BackboneNorm) ->
     }
 }
 
+/// Tensors by name: shape and declared initialisation.
+pub type Declared = BTreeMap<String, (Vec<usize>, Init)>;
+
 /// Every tensor `RetinaNet::new` asks for, by name: its shape and the initialisation its
 /// module declares.
-pub fn model_tensors(config: &RetinaNetConfig) -> Result<BTreeMap<String, (Vec<usize>, Init)>> {
+pub fn model_tensors(config: &RetinaNetConfig) -> Result<Declared> {
     let recorder = Recorder::default();
     RetinaNet::new(
         config,
@@ -153,7 +156,7 @@ pub fn model_shapes(config: &RetinaNetConfig) -> Result<BTreeMap<String, Vec<usi
 
 /// Records what a model asks for, serving zeros.
 #[derive(Clone, Default)]
-struct Recorder(Arc<Mutex<BTreeMap<String, (Vec<usize>, Init)>>>);
+struct Recorder(Arc<Mutex<Declared>>);
 
 impl TensorStore for Recorder {
     fn tensor(&self, request: &Request) -> candle_core::Result<Tensor> {
