@@ -369,7 +369,7 @@ pub struct LossTargets {
 }
 
 impl LossTargets {
-    /// Builds the targets from each image's matches (see [`super::Matcher::assign`]), its
+    /// Builds the targets from each image's matches (see [`crate::model::matcher::Matcher::assign`]), its
     /// boxes and its labels.
     pub fn new(
         anchors: &[[f32; 4]],
