@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use retinanet::train::{LrSchedule, Start, Target, TrainConfig, Trainer};
-use retinanet::{Checkpoint, LoadOptions, RetinaNet, TransformConfig};
+use retinanet::{Checkpoint, LoadOptions, RetinaNet, RetinaNetConfig, TransformConfig};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -98,7 +98,7 @@ fn bench_targets(width: f32, height: f32, n: usize) -> Vec<Target> {
 fn time_train(args: &Args) -> Result<Vec<f64>> {
     let weights = args.weights.as_ref().context("--weights is required")?;
     let path = args.image.as_ref().context("--image is required")?;
-    let mut config = Checkpoint::open(weights)?.infer_config()?;
+    let mut config = RetinaNetConfig::infer(&Checkpoint::open(weights)?)?;
     config.bn_eps = 0.0;
     let mut tc = TrainConfig::for_model(&config, LrSchedule::constant(0.01, 1000));
     tc.trainable_backbone_layers = 3;

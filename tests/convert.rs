@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use candle_core::{DType, Device};
-use retinanet::{Checkpoint, Detection, LoadOptions, RetinaNet, TransformConfig};
+use retinanet::{Checkpoint, Detection, LoadOptions, RetinaNet, RetinaNetConfig, TransformConfig};
 
 /// The pinned venv's python (the fixtures were made with it).
 fn python() -> PathBuf {
@@ -82,7 +82,7 @@ fn f32_conversion_keeps_the_detections_and_records_metadata() {
 
     let ckpt = Checkpoint::open(&out).unwrap();
     assert_eq!(ckpt.metadata()["architecture"], "retinanet_resnet18_fpn");
-    assert_eq!(ckpt.infer_config().unwrap().bn_eps, 1e-5);
+    assert_eq!(RetinaNetConfig::infer(&ckpt).unwrap().bn_eps, 1e-5);
     assert_eq!(
         ckpt.class_names().unwrap().unwrap(),
         ["a", "b", "c", "d", "e", "f", "g"]

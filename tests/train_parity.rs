@@ -245,7 +245,7 @@ fn model_parity(index: usize, dtype: DType) {
     }
     check(
         &format!("{name} anchors"),
-        &bl.raw.anchors,
+        &bl.raw.anchors().unwrap(),
         &all["anchors"],
         1e-7,
     );
@@ -279,7 +279,8 @@ fn model_parity(index: usize, dtype: DType) {
     let box_var = Var::from_tensor(&bl.raw.bbox_regression.detach()).unwrap();
     let anchors: Vec<[f32; 4]> = bl
         .raw
-        .anchors
+        .anchors()
+        .unwrap()
         .to_vec2::<f32>()
         .unwrap()
         .into_iter()

@@ -1,8 +1,8 @@
 //! Reading torchvision checkpoints: `.safetensors` (memory-mapped) and zip-format `.pth`.
 //!
 //! Tensor names are normalised to torchvision's current layout (pre-0.13 head and FPN keys,
-//! a `module.` prefix and `num_batches_tracked` buffers are accepted), the architecture is
-//! inferred from names and shapes, and the model is built through a [`VarBuilder`] backend
+//! a `module.` prefix and `num_batches_tracked` buffers are accepted), and the model is built
+//! through a [`VarBuilder`] backend
 //! that checks every shape and records which tensors were used, so missing, mis-shaped and
 //! unexpected tensors are reported by name.
 
@@ -15,9 +15,6 @@ use candle_core::{pickle::PthTensors, DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::model::backbone::{BlockKind, ResNetConfig};
-use crate::model::fpn::ExtraInput;
-use crate::model::RetinaNetConfig;
 use crate::{Error, Result};
 
 enum Store {
@@ -172,88 +169,14 @@ impl Checkpoint {
         }
     }
 
-    fn require_shape(&self, name: &str, rank: usize) -> Result<&[usize]> {
-        match self.shape(name) {
-            Some(s) if s.len() == rank => Ok(s),
-            Some(s) => Err(self.err(format!(
-                "tensor `{name}` has shape {s:?}, expected rank {rank}"
-            ))),
-            None => Err(self.err(format!(
-                "not a torchvision RetinaNet checkpoint: no tensor `{name}`"
-            ))),
-        }
-    }
-
-    /// Infers the architecture: ResNet depth from block counts, v1/v2 from the head's norm
-    /// layers and the P6 input channels, and the class count from `cls_logits`.
-    pub fn infer_config(&self) -> Result<RetinaNetConfig> {
-        let block = if self.shape("backbone.body.layer1.0.conv3.weight").is_some() {
-            BlockKind::Bottleneck
-        } else {
-            BlockKind::Basic
-        };
-        let mut layers = [0; 4];
-        for (l, count) in layers.iter_mut().enumerate() {
-            let prefix = format!("backbone.body.layer{}.", l + 1);
-            while self
-                .shape(&format!("{prefix}{count}.conv1.weight"))
-                .is_some()
-            {
-                *count += 1;
-            }
-            if *count == 0 {
-                return Err(self.err(format!(
-                    "not a torchvision ResNet backbone: no tensor `{prefix}0.conv1.weight`"
-                )));
-            }
-        }
-        let fpn_channels = self.require_shape("backbone.fpn.inner_blocks.0.0.weight", 4)?[0];
-        let p6_in = self.require_shape("backbone.fpn.extra_blocks.p6.weight", 4)?[1];
-        let extra_input = if p6_in == fpn_channels {
-            ExtraInput::P5
-        } else {
-            ExtraInput::C5
-        };
-        let reg_out = self.require_shape("head.regression_head.bbox_reg.weight", 4)?[0];
-        let cls_out = self.require_shape("head.classification_head.cls_logits.weight", 4)?[0];
-        let num_anchors = reg_out / 4;
-        if reg_out % 4 != 0 || num_anchors == 0 || cls_out % num_anchors != 0 {
-            return Err(self.err(format!(
-                "head shapes disagree: bbox_reg has {reg_out} outputs, cls_logits {cls_out}"
-            )));
-        }
-        let head_group_norm = self
-            .shape("head.classification_head.conv.0.1.weight")
-            .is_some();
-        let bn_eps = match self.metadata().get("bn_eps") {
-            Some(s) => s
-                .parse()
-                .map_err(|_| self.err(format!("metadata `bn_eps` is not a number: {s:?}")))?,
-            None if head_group_norm => 1e-5,
-            None => 0.0,
-        };
-        Ok(RetinaNetConfig {
-            backbone: ResNetConfig { block, layers },
-            num_classes: cls_out / num_anchors,
-            num_anchors,
-            fpn_channels,
-            extra_input,
-            head_group_norm,
-            bn_eps,
-        })
-    }
-
     /// A [`VarBuilder`] over this checkpoint and the tracker of which tensors it served.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> (VarBuilder<'static>, Usage) {
         let usage = Usage::default();
-        let backend = Backend {
+        let served = Served {
             ckpt: self.clone(),
             usage: usage.clone(),
         };
-        (
-            VarBuilder::from_backend(Box::new(backend), dtype, device.clone()),
-            usage,
-        )
+        (var_builder(served, dtype, device), usage)
     }
 
     fn load(&self, name: &str, device: &Device) -> Result<Tensor> {
@@ -324,54 +247,103 @@ impl Usage {
     }
 }
 
-struct Backend {
-    ckpt: Checkpoint,
-    usage: Usage,
+/// What a model being built asks a [`TensorStore`] for.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// Full name, e.g. `backbone.body.conv1.weight`.
+    pub name: &'a str,
+    /// The shape the model expects.
+    pub shape: &'a [usize],
+    /// The initialisation the model declares for a new tensor (ignored by stores that
+    /// hold values).
+    pub init: candle_nn::Init,
+    /// The data type the model asks for.
+    pub dtype: DType,
+    /// The device the model lives on.
+    pub device: &'a Device,
 }
 
-impl SimpleBackend for Backend {
+/// A source of named tensors a model is built from: a checkpoint, the training parameter
+/// store, a recorder of what the model declares. One adapter makes each a [`VarBuilder`]
+/// backend ([`var_builder`]).
+pub trait TensorStore: Send + Sync + 'static {
+    /// The tensor `request` asks for; an error says which tensor and why.
+    fn tensor(&self, request: &Request) -> candle_core::Result<Tensor>;
+    /// Whether the store holds `name`.
+    fn contains(&self, name: &str) -> bool;
+}
+
+/// A [`VarBuilder`] over `store`, making tensors of `dtype` on `device`.
+pub fn var_builder(store: impl TensorStore, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(Backend(store)), dtype, device.clone())
+}
+
+struct Backend<S>(S);
+
+impl<S: TensorStore> SimpleBackend for Backend<S> {
     fn get(
         &self,
         s: Shape,
         name: &str,
-        _: candle_nn::Init,
+        init: candle_nn::Init,
         dtype: DType,
-        dev: &Device,
+        device: &Device,
     ) -> candle_core::Result<Tensor> {
+        self.0.tensor(&Request {
+            name,
+            shape: s.dims(),
+            init,
+            dtype,
+            device,
+        })
+    }
+
+    /// Every tensor of a RetinaNet has a known shape: a request without one is a bug.
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("`{name}` asked for without a shape")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}
+
+/// A checkpoint serving a build, recording what it served.
+struct Served {
+    ckpt: Checkpoint,
+    usage: Usage,
+}
+
+impl TensorStore for Served {
+    fn tensor(&self, request: &Request) -> candle_core::Result<Tensor> {
+        let (name, expected) = (request.name, request.shape);
         let path = self.ckpt.inner.path.clone();
         let Some(actual) = self.ckpt.shape(name) else {
             return Err(self.usage.fail(Error::MissingTensor {
                 path,
                 name: name.to_string(),
-                expected: s.dims().to_vec(),
+                expected: expected.to_vec(),
             }));
         };
-        if actual != s.dims() {
+        if actual != expected {
             return Err(self.usage.fail(Error::ShapeMismatch {
                 path,
                 name: name.to_string(),
-                expected: s.dims().to_vec(),
+                expected: expected.to_vec(),
                 actual: actual.to_vec(),
             }));
         }
         if let Ok(mut used) = self.usage.used.lock() {
             used.insert(name.to_string());
         }
-        let t = self.ckpt.load(name, dev).map_err(|e| self.usage.fail(e))?;
-        t.to_dtype(dtype)
+        let t = self
+            .ckpt
+            .load(name, request.device)
+            .map_err(|e| self.usage.fail(e))?;
+        t.to_dtype(request.dtype)
     }
 
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        if let Ok(mut used) = self.usage.used.lock() {
-            used.insert(name.to_string());
-        }
-        self.ckpt
-            .load(name, dev)
-            .map_err(|e| self.usage.fail(e))?
-            .to_dtype(dtype)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
+    fn contains(&self, name: &str) -> bool {
         self.ckpt.shape(name).is_some()
     }
 }

@@ -85,7 +85,7 @@ impl RetinaNet {
         let ckpt = Checkpoint::open(path)?;
         let mut config = match &opts.config {
             Some(c) => c.clone(),
-            None => ckpt.infer_config()?,
+            None => RetinaNetConfig::infer(&ckpt)?,
         };
         if let Some(eps) = opts.bn_eps {
             config.bn_eps = eps;

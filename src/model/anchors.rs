@@ -1,4 +1,5 @@
-//! Anchor generation, as torchvision's `AnchorGenerator` with RetinaNet's defaults.
+//! Anchor generation (§4, "Anchors"): 3 scales × 3 aspect ratios per location on P3–P7, as
+//! torchvision's `AnchorGenerator` with RetinaNet's defaults.
 //!
 //! Anchors are computed on the host (they depend only on the padded batch size and the
 //! feature-map sizes) in f32, with torchvision's rounding, ordering and strides.

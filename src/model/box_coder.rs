@@ -1,4 +1,5 @@
-//! Box coding: anchors + deltas (dx, dy, dw, dh) ↔ boxes, as torchvision's `BoxCoder`
+//! Box coding (§4, "Box Regression Subnet": the R-CNN parameterisation of a box relative to
+//! its anchor): anchors + deltas (dx, dy, dw, dh) ↔ boxes, as torchvision's `BoxCoder`
 //! (weights (1, 1, 1, 1), widths x2 − x1 without +1, dw and dh clamped at ln(1000/16)).
 
 /// Encodes and decodes boxes relative to anchors. Computations are in f32, in torchvision's

@@ -1,4 +1,5 @@
-//! RetinaNet's training losses, as torchvision computes them.
+//! The focal loss (§3, "Focal Loss"; §4.1, "Focal Loss") and the box losses: RetinaNet's
+//! training losses, as torchvision computes them.
 //!
 //! - Classification: sigmoid focal loss (α = 0.25, γ = 2) summed over the foreground and
 //!   background anchors of an image (ignored anchors excluded), divided by its number of
@@ -13,9 +14,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::model::matcher::{BACKGROUND, IGNORED};
 use crate::model::box_coder::BoxCoder;
-use crate::Result;
+use crate::model::matcher::{BACKGROUND, IGNORED};
+use crate::{Error, Result};
 
 /// Box regression loss.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -32,6 +33,22 @@ pub enum BoxLoss {
         /// Added to denominators (torchvision: 1e-7).
         eps: f64,
     },
+}
+
+impl std::str::FromStr for BoxLoss {
+    type Err = Error;
+
+    /// `l1`, `smooth-l1` (the paper's β = 0.11) or `giou` (torchvision's eps = 1e-7).
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "l1" => Ok(BoxLoss::L1),
+            "smooth-l1" => Ok(BoxLoss::SmoothL1 { beta: 0.11 }),
+            "giou" => Ok(BoxLoss::GIoU { eps: 1e-7 }),
+            _ => Err(Error::Invalid(format!(
+                "unknown box loss `{s}` (expected smooth-l1, l1 or giou)"
+            ))),
+        }
+    }
 }
 
 /// Loss settings.
@@ -65,10 +82,12 @@ impl LossConfig {
 
     /// The paper's: focal α = 0.25, γ = 2, smooth L1 with β = 0.11.
     pub fn paper() -> Self {
-        Self {
-            box_loss: BoxLoss::SmoothL1 { beta: 0.11 },
-            ..Self::v1()
-        }
+        Self::v1().with_box_loss(BoxLoss::SmoothL1 { beta: 0.11 })
+    }
+
+    /// These settings with `box_loss` instead.
+    pub fn with_box_loss(self, box_loss: BoxLoss) -> Self {
+        Self { box_loss, ..self }
     }
 }
 
@@ -350,7 +369,7 @@ pub struct LossTargets {
 }
 
 impl LossTargets {
-    /// Builds the targets from each image's matches (see [`super::Matcher::assign`]), its
+    /// Builds the targets from each image's matches (see [`crate::model::matcher::Matcher::assign`]), its
     /// boxes and its labels.
     pub fn new(
         anchors: &[[f32; 4]],
@@ -464,11 +483,6 @@ pub fn retinanet_losses(
     })
 }
 
-/// `true` when a scalar loss is finite.
-pub fn is_finite(loss: &Tensor) -> Result<bool> {
-    Ok(loss.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_finite())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -545,26 +559,29 @@ mod tests {
                 plain.to_scalar::<f32>().unwrap(),
             );
             assert!((f - p).abs() <= 1e-5 * p.abs(), "{f} vs {p}");
-            let gf = fused.backward().unwrap();
-            let gp = plain.backward().unwrap();
-            let gf: Vec<f32> = gf
-                .get(&xv)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let gp: Vec<f32> = gp
-                .get(&xv)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let grad = |loss: &Tensor| -> Vec<f32> {
+                let grads = loss.backward().unwrap();
+                let g = grads.get(&xv).unwrap().flatten_all().unwrap();
+                g.to_vec1().unwrap()
+            };
+            let (gf, gp) = (grad(&fused), grad(&plain));
             for (i, (a, b)) in gf.iter().zip(&gp).enumerate() {
                 assert!((a - b).abs() <= 1e-5 * b.abs().max(1e-2), "{i}: {a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn box_loss_parses_its_names() {
+        assert_eq!("l1".parse::<BoxLoss>().unwrap(), LossConfig::v1().box_loss);
+        assert_eq!(
+            "giou".parse::<BoxLoss>().unwrap(),
+            LossConfig::v2().box_loss
+        );
+        let paper = LossConfig::v2().with_box_loss("smooth-l1".parse().unwrap());
+        assert_eq!(paper, LossConfig::paper());
+        let e = "smoothl1".parse::<BoxLoss>().unwrap_err().to_string();
+        assert!(e.contains("smoothl1") && e.contains("giou"), "{e}");
     }
 
     #[test]

@@ -1,13 +1,42 @@
-//! The classification and box-regression subnets, as torchvision's `RetinaNetHead`.
+//! The classification and box-regression subnets (§4, "Classification Subnet", "Box
+//! Regression Subnet") with their initialisation (§4.1, "Initialization"), as torchvision's
+//! `RetinaNetHead`.
 //!
 //! Each subnet is 4 × (3×3 conv, [GroupNorm(32)], ReLU) followed by a 3×3 conv to A·K class
-//! logits or A·4 box deltas, shared across pyramid levels.
+//! logits or A·4 box deltas, shared across pyramid levels. Every tensor declares its initial
+//! value through the `VarBuilder` (a hint stores holding weights ignore): convolution weights
+//! N(0, 0.01), biases 0 but the classifier's, which starts at the prior
+//! ([`PRIOR_PROBABILITY`]); GroupNorm weight 1, bias 0.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, conv2d_no_bias, group_norm, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{group_norm, Conv2d, Conv2dConfig, GroupNorm, Init, VarBuilder};
 
 use crate::layers::conv::{Algorithm, Conv, Precision, PreparedConv};
 use crate::layers::layout::channels_last;
+
+/// The prior probability π of foreground the classifier starts at (§4.1): its bias
+/// b = −log((1 − π)/π) keeps the many background anchors from swamping the first losses.
+pub const PRIOR_PROBABILITY: f64 = 0.01;
+
+/// The initial weights of every head convolution (§4.1): Gaussian, σ = 0.01.
+const WEIGHT_INIT: Init = Init::Randn {
+    mean: 0.0,
+    stdev: 0.01,
+};
+
+/// A 3×3, stride-1, padding-1 convolution `channels → out` whose bias, if any, starts at
+/// `bias`.
+fn conv3x3(channels: usize, out: usize, bias: Option<f64>, vb: VarBuilder) -> Result<Conv2d> {
+    let weight = vb.get_with_hints((out, channels, 3, 3), "weight", WEIGHT_INIT)?;
+    let bias = bias
+        .map(|b| vb.get_with_hints(out, "bias", Init::Const(b)))
+        .transpose()?;
+    let cfg = Conv2dConfig {
+        padding: 1,
+        ..Default::default()
+    };
+    Ok(Conv2d::new(weight, bias, cfg))
+}
 
 /// One conv of a subnet's trunk: `conv.{i}.0` and, in v2, GroupNorm `conv.{i}.1`.
 #[derive(Debug, Clone)]
@@ -18,16 +47,12 @@ struct ConvNormAct {
 
 impl ConvNormAct {
     fn new(channels: usize, group_norm_: bool, vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
         // v2 convs carry no bias: the GroupNorm that follows has one.
         let (conv, norm) = if group_norm_ {
-            let conv = conv2d_no_bias(channels, channels, 3, cfg, vb.pp("0"))?;
+            let conv = conv3x3(channels, channels, None, vb.pp("0"))?;
             (conv, Some(group_norm(32, channels, 1e-5, vb.pp("1"))?))
         } else {
-            (conv2d(channels, channels, 3, cfg, vb.pp("0"))?, None)
+            (conv3x3(channels, channels, Some(0.0), vb.pp("0"))?, None)
         };
         Ok(Self {
             conv: Conv::Plain(conv),
@@ -53,28 +78,20 @@ struct Subnet {
 }
 
 impl Subnet {
+    /// A subnet whose final conv `out_name` starts with bias `out_bias`.
     fn new(
         channels: usize,
         num_anchors: usize,
         outputs_per_anchor: usize,
-        out_name: &str,
+        (out_name, out_bias): (&str, f64),
         group_norm: bool,
         vb: VarBuilder,
     ) -> Result<Self> {
         let trunk = (0..4)
             .map(|i| ConvNormAct::new(channels, group_norm, vb.pp("conv").pp(i)))
             .collect::<Result<Vec<_>>>()?;
-        let cfg = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let out = Conv::Plain(conv2d(
-            channels,
-            num_anchors * outputs_per_anchor,
-            3,
-            cfg,
-            vb.pp(out_name),
-        )?);
+        let outputs = num_anchors * outputs_per_anchor;
+        let out = Conv::Plain(conv3x3(channels, outputs, Some(out_bias), vb.pp(out_name))?);
         Ok(Self {
             trunk,
             out,
@@ -150,7 +167,7 @@ impl RetinaNetHead {
             channels,
             num_anchors,
             num_classes,
-            "cls_logits",
+            ("cls_logits", prior_bias()),
             group_norm,
             vb.pp("classification_head"),
         )?;
@@ -158,7 +175,7 @@ impl RetinaNetHead {
             channels,
             num_anchors,
             4,
-            "bbox_reg",
+            ("bbox_reg", 0.0),
             group_norm,
             vb.pp("regression_head"),
         )?;
@@ -181,4 +198,9 @@ impl RetinaNetHead {
             self.regression.forward(levels)?,
         ))
     }
+}
+
+/// The classifier's initial bias, b = −log((1 − π)/π) (§4.1).
+fn prior_bias() -> f64 {
+    -((1.0 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY).ln()
 }

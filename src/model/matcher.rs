@@ -1,4 +1,5 @@
-//! Anchor assignment, as torchvision's `det_utils.Matcher` with RetinaNet's thresholds.
+//! Anchor assignment (§4, "Anchors": IoU ≥ 0.5 foreground, < 0.4 background), as
+//! torchvision's `det_utils.Matcher` with RetinaNet's thresholds.
 //!
 //! Matching is integer bookkeeping over an IoU matrix, so it runs on the host in f32 with
 //! torchvision's order of operations: the thresholds and the ties of low-quality matching

@@ -1,103 +1,48 @@
-//! The RetinaNet detector: backbone → FPN → head → anchors → detections.
+//! The RetinaNet detector (§4, "RetinaNet Detector"): an image followed top to bottom,
+//! [`RetinaNet::preprocess`] → [`RetinaNet::forward_raw`] (backbone → FPN → head, anchors)
+//! → [`RetinaNet::postprocess`] → detections.
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
 use crate::kernels::Precision;
 use crate::model::anchors::AnchorGenerator;
-use crate::model::backbone::{ResNet, ResNetConfig};
+use crate::model::backbone::ResNet;
 use crate::model::box_coder::BoxCoder;
-use crate::model::fpn::{ExtraInput, Fpn};
+use crate::model::config::RetinaNetConfig;
+use crate::model::fpn::Fpn;
 use crate::model::head::RetinaNetHead;
-use crate::model::postprocess::{sigmoid, Detection, LevelCandidates, PostProcessConfig};
+use crate::model::postprocess::{Detection, PostProcessConfig};
 use crate::model::transform::{ImageBatch, TransformConfig};
 use crate::{Error, Result};
-
-/// Architecture of a RetinaNet.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct RetinaNetConfig {
-    /// ResNet trunk.
-    pub backbone: ResNetConfig,
-    /// Number of classes K (torchvision's COCO models: 91, indexed by category id).
-    pub num_classes: usize,
-    /// Anchors per location A.
-    pub num_anchors: usize,
-    /// FPN width.
-    pub fpn_channels: usize,
-    /// P6 from P5 (v1) or C5 (v2).
-    pub extra_input: ExtraInput,
-    /// GroupNorm(32) after each head conv (v2).
-    pub head_group_norm: bool,
-    /// Frozen batch-norm eps.
-    pub bn_eps: f64,
-}
-
-impl RetinaNetConfig {
-    /// torchvision's `retinanet_resnet50_fpn` layout (v1) on a ResNet of `depth`, with the
-    /// COCO checkpoint's batch-norm eps of 0.
-    pub fn v1(depth: usize, num_classes: usize) -> Result<Self> {
-        Ok(Self {
-            backbone: resnet(depth)?,
-            num_classes,
-            num_anchors: 9,
-            fpn_channels: 256,
-            extra_input: ExtraInput::P5,
-            head_group_norm: false,
-            bn_eps: 0.0,
-        })
-    }
-
-    /// torchvision's `retinanet_resnet50_fpn_v2` layout on a ResNet of `depth`.
-    pub fn v2(depth: usize, num_classes: usize) -> Result<Self> {
-        Ok(Self {
-            extra_input: ExtraInput::C5,
-            head_group_norm: true,
-            bn_eps: 1e-5,
-            ..Self::v1(depth, num_classes)?
-        })
-    }
-
-    /// A short human-readable description, e.g. `ResNet-50 FPN v1, 91 classes`.
-    pub fn describe(&self) -> String {
-        let depth = self
-            .backbone
-            .depth()
-            .map_or_else(|| format!("{:?}", self.backbone.layers), |d| d.to_string());
-        let version = if self.head_group_norm { "v2" } else { "v1" };
-        format!(
-            "ResNet-{depth} FPN {version} (P6 from {:?}), {} classes, bn eps {}",
-            self.extra_input, self.num_classes, self.bn_eps
-        )
-    }
-}
-
-fn resnet(depth: usize) -> Result<ResNetConfig> {
-    ResNetConfig::from_depth(depth).ok_or_else(|| {
-        Error::Invalid(format!(
-            "unsupported ResNet depth {depth} (expected 18, 34, 50, 101 or 152)"
-        ))
-    })
-}
 
 /// Everything the network computes for a batch, before post-processing.
 #[derive(Debug, Clone)]
 pub struct RawOutput {
-    /// C3, C4, C5.
+    /// C3, C4, C5, kept only when asked ([`RetinaNet::forward_raw_with`]); else empty.
     pub backbone_features: Vec<Tensor>,
-    /// P3…P7.
+    /// P3…P7, kept only when asked; else empty.
     pub fpn_features: Vec<Tensor>,
     /// Class logits `(N, ΣHWA, K)`, level after level.
     pub cls_logits: Tensor,
     /// Box deltas `(N, ΣHWA, 4)`.
     pub bbox_regression: Tensor,
-    /// Anchors `(ΣHWA, 4)` in padded-batch pixels, shared by the batch's images.
-    pub anchors: Tensor,
-    /// The same anchors on the host (they are computed there), for post-processing and
-    /// target assignment.
+    /// Anchors in padded-batch pixels, shared by the batch's images, on the host (they are
+    /// computed there), for post-processing and target assignment.
     pub anchor_boxes: Vec<[f32; 4]>,
     /// H·W·A of each level.
     pub num_anchors_per_level: Vec<usize>,
+}
+
+impl RawOutput {
+    /// The anchors as a `(ΣHWA, 4)` tensor on the outputs' device, for comparison with
+    /// other implementations; the model itself reads [`RawOutput::anchor_boxes`].
+    pub fn anchors(&self) -> Result<Tensor> {
+        let n = self.anchor_boxes.len();
+        let anchors = Tensor::from_vec(self.anchor_boxes.concat(), (n, 4), &Device::Cpu)?;
+        Ok(anchors.to_device(self.cls_logits.device())?)
+    }
 }
 
 /// A RetinaNet detector.
@@ -228,9 +173,15 @@ impl RetinaNet {
         Ok(batch)
     }
 
-    /// Runs the network on a preprocessed batch and returns every intermediate.
+    /// Runs the network on a preprocessed batch: class logits, box deltas and anchors.
     pub fn forward_raw(&self, batch: &ImageBatch) -> Result<RawOutput> {
-        self.forward_raw_t(batch, false)
+        self.forward_raw_t(batch, false, false)
+    }
+
+    /// As [`RetinaNet::forward_raw`], keeping the backbone's and FPN's features in the output
+    /// when `keep_features` (comparisons with torchvision read them; detection does not).
+    pub fn forward_raw_with(&self, batch: &ImageBatch, keep_features: bool) -> Result<RawOutput> {
+        self.forward_raw_t(batch, false, keep_features)
     }
 
     /// As [`RetinaNet::forward_raw`] in training mode: batch norms that train normalise with
@@ -238,7 +189,7 @@ impl RetinaNet {
     /// [`RetinaNet::update_batch_norm_stats`] then applies. Frozen norms behave the same in
     /// both modes.
     pub fn forward_raw_train(&self, batch: &ImageBatch) -> Result<RawOutput> {
-        self.forward_raw_t(batch, true)
+        self.forward_raw_t(batch, true, false)
     }
 
     /// Moves the running statistics of every trained batch norm towards those of the last
@@ -248,11 +199,11 @@ impl RetinaNet {
         Ok(self.backbone.update_running_stats()?)
     }
 
-    fn forward_raw_t(&self, batch: &ImageBatch, train: bool) -> Result<RawOutput> {
-        let backbone_features = self.backbone.forward_t(&batch.tensor, train)?;
-        let fpn_features = self.fpn.forward(&backbone_features)?;
-        let (cls_logits, bbox_regression) = self.head.forward(&fpn_features)?;
-        let grid_sizes = fpn_features
+    fn forward_raw_t(&self, batch: &ImageBatch, train: bool, keep: bool) -> Result<RawOutput> {
+        let c = self.backbone.forward_t(&batch.tensor, train)?;
+        let p = self.fpn.forward(&c)?;
+        let (cls_logits, bbox_regression) = self.head.forward(&p)?;
+        let grid_sizes = p
             .iter()
             .map(|f| Ok((f.dim(2)?, f.dim(3)?)))
             .collect::<Result<Vec<_>>>()?;
@@ -261,15 +212,12 @@ impl RetinaNet {
         let anchor_boxes = self
             .anchor_generator
             .generate(batch.padded_size()?, &grid_sizes);
-        let n = anchor_boxes.len();
-        let anchors = Tensor::from_vec(anchor_boxes.concat(), (n, 4), &Device::Cpu)?
-            .to_device(&self.device)?;
+        let (backbone_features, fpn_features) = if keep { (c, p) } else { Default::default() };
         Ok(RawOutput {
             backbone_features,
             fpn_features,
             cls_logits,
             bbox_regression,
-            anchors,
             anchor_boxes,
             num_anchors_per_level,
         })
@@ -278,91 +226,7 @@ impl RetinaNet {
     /// Detections of each image of `batch` from the network's outputs, in original-image
     /// pixels, sorted by score.
     pub fn postprocess(&self, raw: &RawOutput, batch: &ImageBatch) -> Result<Vec<Vec<Detection>>> {
-        let k = self.config.num_classes;
-        let anchors = &raw.anchor_boxes;
-        let mut level_anchors: Vec<&[[f32; 4]]> = Vec::new();
-        let mut offset = 0;
-        for &count in &raw.num_anchors_per_level {
-            level_anchors.push(&anchors[offset..offset + count]);
-            offset += count;
-        }
-        let mut out = Vec::with_capacity(batch.image_sizes.len());
-        for (i, (&size, &orig)) in batch
-            .image_sizes
-            .iter()
-            .zip(&batch.original_sizes)
-            .enumerate()
-        {
-            let logits = raw.cls_logits.i(i)?;
-            let deltas = raw.bbox_regression.i(i)?;
-            let mut levels = Vec::with_capacity(raw.num_anchors_per_level.len());
-            let mut offset = 0;
-            for &count in &raw.num_anchors_per_level {
-                levels.push(self.candidates(
-                    &logits.narrow(0, offset, count)?,
-                    &deltas.narrow(0, offset, count)?,
-                    k,
-                )?);
-                offset += count;
-            }
-            let dets =
-                self.postprocess
-                    .detections(&self.box_coder, &levels, &level_anchors, k, size);
-            out.push(rescale(dets, size, orig));
-        }
-        Ok(out)
-    }
-
-    /// Copies off the device the rows of one level whose best class passes the threshold.
-    fn candidates(&self, logits: &Tensor, deltas: &Tensor, k: usize) -> Result<LevelCandidates> {
-        let best: Vec<f32> = match row_maxima_on_host(logits, k) {
-            Some(best) => best,
-            None => logits.max(D::Minus1)?.to_dtype(DType::F32)?.to_vec1()?,
-        };
-        let thresh = self.postprocess.score_thresh;
-        let anchor_idx: Vec<usize> = best
-            .iter()
-            .enumerate()
-            .filter(|(_, &l)| sigmoid(l) > thresh)
-            .map(|(i, _)| i)
-            .collect();
-        if anchor_idx.is_empty() {
-            return Ok(LevelCandidates::default());
-        }
-        let (logits, deltas) = match (
-            rows_on_host(logits, k, &anchor_idx),
-            rows_on_host(deltas, 4, &anchor_idx),
-        ) {
-            (Some(l), Some(d)) => (
-                l,
-                d.chunks_exact(4)
-                    .map(|r| [r[0], r[1], r[2], r[3]])
-                    .collect(),
-            ),
-            _ => {
-                let idx: Vec<u32> = anchor_idx.iter().map(|&i| i as u32).collect();
-                let idx = Tensor::from_vec(idx, anchor_idx.len(), &self.device)?;
-                let logits = logits
-                    .index_select(&idx, 0)?
-                    .to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?;
-                let deltas = deltas
-                    .index_select(&idx, 0)?
-                    .to_dtype(DType::F32)?
-                    .to_vec2::<f32>()?
-                    .into_iter()
-                    .map(|r| [r[0], r[1], r[2], r[3]])
-                    .collect();
-                (logits, deltas)
-            }
-        };
-        debug_assert_eq!(logits.len(), anchor_idx.len() * k);
-        Ok(LevelCandidates {
-            anchor_idx,
-            logits,
-            deltas,
-        })
+        self.postprocess.batch(&self.box_coder, raw, batch)
     }
 
     /// Detects objects in a batch of images of any sizes.
@@ -377,43 +241,4 @@ impl RetinaNet {
         let mut out = self.detect_batch(std::slice::from_ref(image))?;
         Ok(out.pop().unwrap_or_default())
     }
-}
-
-/// Maps boxes from the resized image back to the original, as torchvision's `resize_boxes`.
-fn rescale(
-    mut dets: Vec<Detection>,
-    resized: (usize, usize),
-    orig: (usize, usize),
-) -> Vec<Detection> {
-    for d in &mut dets {
-        d.bbox = crate::boxes::resize(d.bbox, resized, orig);
-    }
-    dets
-}
-
-/// The given rows of a contiguous f32 CPU `(rows, k)` tensor, gathered straight from its
-/// storage; `None` for anything else.
-fn rows_on_host(t: &Tensor, k: usize, rows: &[usize]) -> Option<Vec<f32>> {
-    crate::kernels::host_f32(t, |values| {
-        let mut out = Vec::with_capacity(rows.len() * k);
-        for &r in rows {
-            out.extend_from_slice(values.get(r * k..(r + 1) * k)?);
-        }
-        Some(out)
-    })?
-}
-
-/// Per-row maxima of a contiguous f32 CPU `(rows, k)` tensor in one parallel pass (Candle's
-/// reduction runs on one thread); `None` for anything else.
-fn row_maxima_on_host(t: &Tensor, k: usize) -> Option<Vec<f32>> {
-    use rayon::prelude::*;
-    if k == 0 {
-        return None;
-    }
-    crate::kernels::host_f32(t, |values| {
-        values
-            .par_chunks(k)
-            .map(|row| row.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-            .collect()
-    })
 }

@@ -1,7 +1,7 @@
-//! Image transform, as torchvision's `GeneralizedRCNNTransform` in eval mode: scale to
-//! [0, 1], normalise with ImageNet statistics, resize bilinearly so the short side is
-//! `min_size` unless the long side would exceed `max_size`, and zero-pad the batch to a
-//! multiple of 32.
+//! The input pipeline (§5, images resized to a shorter side of the chosen scale), as
+//! torchvision's `GeneralizedRCNNTransform` in eval mode: scale to [0, 1], normalise with
+//! ImageNet statistics, resize bilinearly so the short side is `min_size` unless the long
+//! side would exceed `max_size`, and zero-pad the batch to a multiple of 32.
 //!
 //! The transform runs on the host in f32 with PyTorch's exact interpolation arithmetic; only
 //! the finished batch is copied to the model's device.

@@ -9,8 +9,8 @@
 //!   background, low-quality matches kept), on the host;
 //! - [`crate::model::focal_loss`]: sigmoid focal loss and the box losses (L1, smooth L1,
 //!   GIoU), differentiable;
-//! - [`optim`]: SGD with momentum and weight decay, gradient-norm clipping, learning-rate
-//!   schedule;
+//! - [`optim`]: SGD with momentum and weight decay, gradient-norm clipping;
+//! - [`schedule`]: the learning rate per step (warm-up, decays);
 //! - [`checkpoint`]: atomic training checkpoints (model + optimiser state);
 //! - [`trainer`]: [`Trainer`], which ties them into one step on a batch.
 
@@ -18,10 +18,12 @@ pub mod checkpoint;
 pub mod optim;
 pub mod params;
 pub mod run;
+pub mod schedule;
 pub mod trainer;
 
 pub use crate::model::focal_loss::{BoxLoss, LossConfig, Losses};
 pub use crate::model::matcher::Matcher;
-pub use optim::{LrSchedule, Sgd, SgdConfig};
+pub use optim::{Sgd, SgdConfig};
 pub use params::{BackboneNorm, ParamStore, Role, Start};
+pub use schedule::{LrSchedule, PAPER_BATCH, PAPER_STEPS};
 pub use trainer::{StepStats, Target, TrainConfig, Trainer};

@@ -9,24 +9,25 @@
 //! outside the optimiser. The model is built from the store with
 //! [`ParamStore::var_builder`], and sees optimiser updates because a `Var` is updated in place.
 //!
-//! New layers are initialised as torchvision does: head convs N(0, 0.01) with zero biases,
-//! the classification bias at −ln((1 − π)/π) with π = 0.01, FPN convs Kaiming-uniform
-//! (a = 1) with zero biases, and, from scratch, backbone convs Kaiming-normal (fan-out) with
-//! identity batch norm.
+//! New layers are initialised as torchvision does: the head as it declares (the paper's
+//! N(0, 0.01) and prior bias, see [`crate::model::head`]), FPN convs Kaiming-uniform (a = 1)
+//! with zero biases, and, from scratch, backbone convs Kaiming-normal (fan-out) with identity
+//! batch norm. One seeded generator draws them all, in name order.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use candle_core::{DType, Device, Shape, Tensor, Var};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use std::sync::{Arc, Mutex};
 
-use crate::io::checkpoint::Checkpoint;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+
+use crate::io::checkpoint::{var_builder, Checkpoint, Request, TensorStore};
+use crate::model::config::resnet_blocks;
 use crate::model::{RetinaNet, RetinaNetConfig};
 use crate::{Error, Result};
 
-/// Prior probability of the classification bias.
-pub const PRIOR_PROBABILITY: f64 = 0.01;
+pub use crate::model::head::PRIOR_PROBABILITY;
 
 /// Where the initial weights come from.
 #[derive(Debug, Clone, PartialEq)]
@@ -129,38 +130,46 @@ pub fn role(name: &str, trainable_backbone_layers: usize, norm: BackboneNorm) ->
     }
 }
 
-/// Names and shapes of every tensor `RetinaNet::new` asks for.
-pub fn model_shapes(config: &RetinaNetConfig) -> Result<BTreeMap<String, Vec<usize>>> {
+/// Tensors by name: shape and declared initialisation.
+pub type Declared = BTreeMap<String, (Vec<usize>, Init)>;
+
+/// Every tensor `RetinaNet::new` asks for, by name: its shape and the initialisation its
+/// module declares.
+pub fn model_tensors(config: &RetinaNetConfig) -> Result<Declared> {
     let recorder = Recorder::default();
-    let vb = VarBuilder::from_backend(Box::new(recorder.clone()), DType::F32, Device::Cpu);
-    RetinaNet::new(config, vb)?;
-    let shapes = recorder.0.lock().map(|s| s.clone()).unwrap_or_default();
-    Ok(shapes)
+    RetinaNet::new(
+        config,
+        var_builder(recorder.clone(), DType::F32, &Device::Cpu),
+    )?;
+    let declared = recorder.0.lock().map(|s| s.clone()).unwrap_or_default();
+    Ok(declared)
 }
 
+/// Names and shapes of every tensor `RetinaNet::new` asks for.
+pub fn model_shapes(config: &RetinaNetConfig) -> Result<BTreeMap<String, Vec<usize>>> {
+    let tensors = model_tensors(config)?;
+    Ok(tensors
+        .into_iter()
+        .map(|(n, (shape, _))| (n, shape))
+        .collect())
+}
+
+/// Records what a model asks for, serving zeros.
 #[derive(Clone, Default)]
-struct Recorder(std::sync::Arc<std::sync::Mutex<BTreeMap<String, Vec<usize>>>>);
+struct Recorder(Arc<Mutex<Declared>>);
 
-impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+impl TensorStore for Recorder {
+    fn tensor(&self, request: &Request) -> candle_core::Result<Tensor> {
         if let Ok(mut m) = self.0.lock() {
-            m.insert(name.to_string(), s.dims().to_vec());
+            m.insert(
+                request.name.to_string(),
+                (request.shape.to_vec(), request.init),
+            );
         }
-        Tensor::zeros(s, dtype, dev)
+        Tensor::zeros(request.shape, request.dtype, request.device)
     }
 
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("unchecked access to `{name}` while recording shapes")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
+    fn contains(&self, _: &str) -> bool {
         true
     }
 }
@@ -188,13 +197,13 @@ impl InitRng {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn normal_vec(&mut self, n: usize, std: f64) -> Vec<f32> {
+    fn normal_vec(&mut self, n: usize, mean: f64, std: f64) -> Vec<f32> {
         (0..n)
             .map(|_| {
                 // Box–Muller.
                 let u1 = 1.0 - self.uniform();
                 let u2 = self.uniform();
-                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+                (mean + (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
             })
             .collect()
     }
@@ -206,20 +215,16 @@ impl InitRng {
     }
 }
 
-/// Whether `name` is a head GroupNorm tensor (v2): `…_head.conv.{i}.1.{weight,bias}`, not the
-/// convolution `…_head.conv.{i}.0.weight` (which a bare `.1.` would also match for i = 1).
-fn is_head_norm(name: &str) -> bool {
-    name.split_once("_head.conv.")
-        .and_then(|(_, rest)| rest.split('.').nth(1))
-        .is_some_and(|layer| layer == "1")
-}
-
-/// torchvision's initial value of a new tensor, by name.
-fn fresh(name: &str, shape: &[usize], rng: &mut InitRng) -> Result<Tensor> {
+/// The initial value of a new tensor: for the head, the initialisation it declares (the
+/// paper's, §4.1); for the FPN and backbone, whose layers declare Candle's defaults,
+/// torchvision's, by name.
+fn fresh(name: &str, shape: &[usize], declared: Init, rng: &mut InitRng) -> Result<Tensor> {
     let n: usize = shape.iter().product();
     let leaf = name.rsplit('.').next().unwrap_or("");
-    let data = if is_backbone_norm(name) || is_head_norm(name) {
-        // Batch norm (identity) and GroupNorm: weight 1, bias 0, mean 0, var 1.
+    let data = if name.starts_with("head.") {
+        draw(name, declared, n, rng)?
+    } else if is_backbone_norm(name) {
+        // Batch norm: identity (weight 1, bias 0, mean 0, var 1).
         let v = if matches!(leaf, "weight" | "running_var") {
             1.0
         } else {
@@ -227,14 +232,7 @@ fn fresh(name: &str, shape: &[usize], rng: &mut InitRng) -> Result<Tensor> {
         };
         vec![v; n]
     } else if leaf == "bias" {
-        let v = if name.ends_with("cls_logits.bias") {
-            -((1.0 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY).ln() as f32
-        } else {
-            0.0
-        };
-        vec![v; n]
-    } else if name.starts_with("head.") {
-        rng.normal_vec(n, 0.01)
+        vec![0.0; n]
     } else if name.starts_with("backbone.fpn.") {
         // kaiming_uniform_(a=1): bound √(3 / fan_in).
         let fan_in: usize = shape[1..].iter().product();
@@ -242,9 +240,20 @@ fn fresh(name: &str, shape: &[usize], rng: &mut InitRng) -> Result<Tensor> {
     } else {
         // Backbone conv: kaiming_normal_(mode="fan_out", nonlinearity="relu").
         let fan_out = shape[0] * shape[2..].iter().product::<usize>();
-        rng.normal_vec(n, (2.0 / fan_out as f64).sqrt())
+        rng.normal_vec(n, 0.0, (2.0 / fan_out as f64).sqrt())
     };
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// `n` values drawn as `init` says.
+fn draw(name: &str, init: Init, n: usize, rng: &mut InitRng) -> Result<Vec<f32>> {
+    match init {
+        Init::Const(v) => Ok(vec![v as f32; n]),
+        Init::Randn { mean, stdev } => Ok(rng.normal_vec(n, mean, stdev)),
+        other => Err(Error::Invalid(format!(
+            "`{name}` declares the initialisation {other:?}, which training cannot draw"
+        ))),
+    }
 }
 
 /// Reads `name` from `ckpt` if it is there with `shape`.
@@ -261,7 +270,7 @@ pub fn initial_values(
     start: &Start,
     seed: u64,
 ) -> Result<(BTreeMap<String, Tensor>, InitReport)> {
-    let shapes = model_shapes(config)?;
+    let declared = model_tensors(config)?;
     let mut rng = InitRng::new(seed);
     let mut report = InitReport::default();
     let mut values = BTreeMap::new();
@@ -273,7 +282,7 @@ pub fn initial_values(
         .as_ref()
         .map(|c| c.var_builder(DType::F32, &Device::Cpu).0);
     let mut used = BTreeSet::new();
-    for (name, shape) in &shapes {
+    for (name, (shape, init)) in &declared {
         // The checkpoint name this tensor would have, if the start provides it.
         let source = match start {
             Start::Scratch => None,
@@ -322,7 +331,7 @@ pub fn initial_values(
             Some(v) => v,
             None => {
                 report.initialised += 1;
-                fresh(name, shape, &mut rng)?
+                fresh(name, shape, *init, &mut rng)?
             }
         };
         values.insert(name.clone(), value);
@@ -419,7 +428,7 @@ impl ParamStore {
 
     /// A `VarBuilder` serving these tensors (trained ones as variables) to `RetinaNet::new`.
     pub fn var_builder(&self) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self.clone()), self.dtype, self.device.clone())
+        var_builder(self.clone(), self.dtype, &self.device)
     }
 
     /// Builds the model over these tensors.
@@ -428,40 +437,30 @@ impl ParamStore {
     }
 }
 
-impl SimpleBackend for ParamStore {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        _: &Device,
-    ) -> candle_core::Result<Tensor> {
+impl TensorStore for ParamStore {
+    fn tensor(&self, request: &Request) -> candle_core::Result<Tensor> {
+        let name = request.name;
         let Some(t) = ParamStore::get(self, name) else {
             candle_core::bail!("no tensor `{name}` in the parameter store");
         };
-        if t.dims() != s.dims() {
+        if t.dims() != request.shape {
             candle_core::bail!(
                 "tensor `{name}` has shape {:?} in the store, the model expects {:?}",
                 t.dims(),
-                s.dims()
+                request.shape
             );
         }
-        if t.dtype() != dtype {
+        if t.dtype() != request.dtype {
             candle_core::bail!(
-                "`{name}` is {:?} in the store, the model asks for {dtype:?}",
-                t.dtype()
+                "`{name}` is {:?} in the store, the model asks for {:?}",
+                t.dtype(),
+                request.dtype
             );
         }
         Ok(t)
     }
 
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        ParamStore::get(self, name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("no tensor `{name}`")))
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
+    fn contains(&self, name: &str) -> bool {
         ParamStore::get(self, name).is_some()
     }
 }
@@ -477,31 +476,16 @@ pub fn config_for(start: &Start, num_classes: usize) -> Result<RetinaNetConfig> 
         )),
         Start::RetinaNet(p) => Ok(RetinaNetConfig {
             num_classes,
-            ..Checkpoint::open(p)?.infer_config()?
+            ..RetinaNetConfig::infer(&Checkpoint::open(p)?)?
         }),
         Start::Backbone(p) => {
-            let ckpt = Checkpoint::open(p)?;
-            let bottleneck = ckpt.shape("layer1.0.conv3.weight").is_some();
-            let mut layers = [0usize; 4];
-            for (l, count) in layers.iter_mut().enumerate() {
-                while ckpt
-                    .shape(&format!("layer{}.{count}.conv1.weight", l + 1))
-                    .is_some()
-                {
-                    *count += 1;
-                }
-            }
-            let backbone = crate::model::backbone::ResNetConfig {
-                block: if bottleneck {
-                    crate::model::backbone::BlockKind::Bottleneck
-                } else {
-                    crate::model::backbone::BlockKind::Basic
-                },
-                layers,
-            };
+            let backbone = resnet_blocks(&Checkpoint::open(p)?, "");
             let depth = backbone.depth().ok_or_else(|| Error::Checkpoint {
                 path: p.clone(),
-                message: format!("not a standard ResNet (blocks per stage {layers:?})"),
+                message: format!(
+                    "not a standard ResNet (blocks per stage {:?})",
+                    backbone.layers
+                ),
             })?;
             Ok(RetinaNetConfig {
                 bn_eps: 1e-5,
@@ -584,19 +568,16 @@ mod tests {
 
     #[test]
     fn fresh_values_follow_torchvision() {
-        let mut rng = InitRng::new(0);
-        let b = fresh("head.classification_head.cls_logits.bias", &[6], &mut rng).unwrap();
-        let b: Vec<f32> = b.to_vec1().unwrap();
+        let config = RetinaNetConfig::v2(18, 2).unwrap();
+        let (values, _) = initial_values(&config, &Start::Scratch, 0).unwrap();
+        let b: Vec<f32> = values["head.classification_head.cls_logits.bias"]
+            .to_vec1()
+            .unwrap();
         assert!((b[0] - (-(99f32).ln())).abs() < 1e-6);
-        let v = fresh("backbone.body.layer1.0.bn1.running_var", &[4], &mut rng).unwrap();
-        assert_eq!(v.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
+        let v = &values["backbone.body.layer1.0.bn1.running_var"];
+        assert_eq!(v.to_vec1::<f32>().unwrap(), vec![1.0; 64]);
         // The second conv of a head is a convolution, not a norm.
-        let c = fresh(
-            "head.classification_head.conv.1.0.weight",
-            &[8, 8, 3, 3],
-            &mut rng,
-        )
-        .unwrap();
+        let c = &values["head.classification_head.conv.1.0.weight"];
         assert!(
             c.abs()
                 .unwrap()
@@ -606,16 +587,11 @@ mod tests {
                 .unwrap()
                 < 0.1
         );
-        let g = fresh("head.regression_head.conv.0.1.weight", &[4], &mut rng).unwrap();
-        assert_eq!(g.to_vec1::<f32>().unwrap(), vec![1.0; 4]);
-        let w = fresh(
-            "head.regression_head.conv.0.0.weight",
-            &[256, 256, 3, 3],
-            &mut rng,
-        )
-        .unwrap()
-        .flatten_all()
-        .unwrap();
+        let g = &values["head.regression_head.conv.0.1.weight"];
+        assert_eq!(g.to_vec1::<f32>().unwrap(), vec![1.0; 256]);
+        let w = values["head.regression_head.conv.0.0.weight"]
+            .flatten_all()
+            .unwrap();
         let std = w.sqr().unwrap().mean_all().unwrap().sqrt().unwrap();
         let std = std.to_scalar::<f32>().unwrap();
         assert!((std - 0.01).abs() < 2e-4, "{std}");

@@ -26,14 +26,17 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use image::RgbImage;
 
+use super::checkpoint::{
+    optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as,
+};
+use super::optim::{clip_grad_norm, Sgd, SgdConfig};
 use crate::boxes::resize_boxes;
-use crate::model::matcher::Matcher;
-use super::checkpoint::{optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as};
 use crate::model::focal_loss::{retinanet_losses, LossConfig, LossTargets, Losses};
-use super::optim::{clip_grad_norm, LrSchedule, Sgd, SgdConfig};
+use crate::model::matcher::Matcher;
 use super::params::{
     initial_values, load_exact, role, BackboneNorm, InitReport, ParamStore, Start,
 };
+use super::schedule::LrSchedule;
 use crate::model::{RawOutput, RetinaNet, RetinaNetConfig};
 use crate::{Error, Result};
 
