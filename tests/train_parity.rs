@@ -444,9 +444,13 @@ fn focal_loss_matches_torchvision_on_extreme_logits() {
     let f = load(&dir().join("focal.safetensors"));
     for (name, alpha, gamma) in [("default", 0.25, 2.0), ("a05_g1_5", 0.5, 1.5)] {
         let x = Var::from_tensor(&f["x"]).unwrap();
-        let loss =
-            retinanet::model::focal_loss::sigmoid_focal_loss(x.as_tensor(), &f["t"], Some(alpha), gamma)
-                .unwrap();
+        let loss = retinanet::model::focal_loss::sigmoid_focal_loss(
+            x.as_tensor(),
+            &f["t"],
+            Some(alpha),
+            gamma,
+        )
+        .unwrap();
         let grads = loss.sum_all().unwrap().backward().unwrap();
         check(
             &format!("focal {name} loss"),

@@ -30,13 +30,13 @@ use super::checkpoint::{
     optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as,
 };
 use super::optim::{clip_grad_norm, Sgd, SgdConfig};
-use crate::boxes::resize_boxes;
-use crate::model::focal_loss::{retinanet_losses, LossConfig, LossTargets, Losses};
-use crate::model::matcher::Matcher;
 use super::params::{
     initial_values, load_exact, role, BackboneNorm, InitReport, ParamStore, Start,
 };
 use super::schedule::LrSchedule;
+use crate::boxes::resize_boxes;
+use crate::model::focal_loss::{retinanet_losses, LossConfig, LossTargets, Losses};
+use crate::model::matcher::Matcher;
 use crate::model::{RawOutput, RetinaNet, RetinaNetConfig};
 use crate::{Error, Result};
 
