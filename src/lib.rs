@@ -1,13 +1,20 @@
 //! RetinaNet ("Focal Loss for Dense Object Detection", Lin et al., 2017) on Candle.
 //!
 //! Module and tensor names mirror torchvision's, so its checkpoints load unchanged and give
-//! its detections. The data flow reads top to bottom:
+//! its detections. An image follows the paper's parts, one file each under [`model`], top to
+//! bottom:
 //!
-//! image → [`transform`] → [`backbone`] (C3–C5) → [`fpn`] (P3–P7) → [`head`] →
-//! [`anchors`] + [`box_coder`] → [`postprocess`] → [`Detection`]s.
+//! image → [`model::transform`] (normalise, resize, pad into an [`ImageBatch`]) →
+//! [`model::backbone`] (C3–C5) → [`model::fpn`] (P3–P7) → [`model::head`] (class logits and
+//! box deltas) + [`model::anchors`] → [`model::postprocess`] ([`model::box_coder`], [`boxes`]'
+//! NMS) → [`Detection`]s.
 //!
-//! [`model::RetinaNet`] ties the pieces together; [`checkpoint`] reads `.safetensors` and
-//! `.pth` files and infers the architecture from them.
+//! Training adds [`model::matcher`] (anchors ↔ ground truth) and [`model::focal_loss`], and
+//! [`train`] runs the steps (parameter store, SGD, schedule, checkpoints) over [`data`].
+//! [`eval`] scores detections as pycocotools does. [`io`] reads checkpoints, resolves and
+//! downloads models ([`zoo::resolve`]), writes files atomically and draws annotated images;
+//! [`layers`] holds the building blocks (convolutions, norms, pools) in their inference and
+//! training forms, running on fast CPU kernels kept internal to the crate.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), retinanet::Error> {
@@ -31,6 +38,8 @@ pub mod device;
 pub mod error;
 pub mod eval;
 pub mod io;
+/// The CPU kernels behind [`layers`]: internal, public only for the crate's benchmarks.
+#[doc(hidden)]
 pub mod kernels;
 pub mod layers;
 pub mod model;
@@ -38,9 +47,12 @@ pub mod tiling;
 pub mod train;
 
 pub use error::{Error, Result};
+pub use eval::evaluate_model;
 pub use io::checkpoint::Checkpoint;
 pub use io::load::LoadOptions;
 pub use io::zoo;
+pub use io::zoo::{resolve, ModelSource};
+pub use layers::conv::Precision;
 pub use model::postprocess::{Detection, PostProcessConfig};
-pub use model::transform::TransformConfig;
+pub use model::transform::{ImageBatch, TransformConfig};
 pub use model::{RawOutput, RetinaNet, RetinaNetConfig};
