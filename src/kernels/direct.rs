@@ -566,7 +566,10 @@ mod tests {
     #[test]
     fn bf16_products_match_f32_within_bf16_rounding() {
         if !bf16::supported() {
-            eprintln!("skipped: this CPU has no AVX512-BF16");
+            crate::kernels::skip_test(
+                "kernels::direct::tests::bf16_products_match_f32_within_bf16_rounding",
+                "this CPU has no AVX512-BF16, so the bf16 products were not compared with f32",
+            );
             return;
         }
         let dev = Device::Cpu;

@@ -43,3 +43,19 @@ pub(crate) fn max_abs(t: &candle_core::Tensor) -> f32 {
         .and_then(|m| m.to_scalar::<f32>())
         .expect("an f32 tensor")
 }
+
+/// For unit tests that cannot run their checks on this CPU: says why where `cargo test` shows
+/// it, and in `target/skipped-tests.txt`, which `scripts/test.sh` prints after the run (the
+/// harness hides a passing test's output).
+#[cfg(test)]
+pub(crate) fn skip_test(test: &str, reason: &str) {
+    use std::io::Write;
+    let line = format!("skipped {test}: {reason}");
+    eprintln!("{line}");
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/target/skipped-tests.txt");
+    let mut out = std::fs::OpenOptions::new();
+    let appended = out.create(true).append(true).open(file);
+    if let Err(e) = appended.and_then(|mut f| writeln!(f, "{line}")) {
+        eprintln!("cannot record the skip in {file}: {e}");
+    }
+}
