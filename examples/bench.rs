@@ -140,9 +140,9 @@ fn main() -> Result<()> {
                 ..Default::default()
             },
             precision: if args.bf16 {
-                retinanet::kernels::Precision::Bf16
+                retinanet::Precision::Bf16
             } else {
-                retinanet::kernels::Precision::F32
+                retinanet::Precision::F32
             },
             ..Default::default()
         };

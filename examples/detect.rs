@@ -24,9 +24,9 @@ use retinanet::io::annotate::{annotate, output_paths};
 use retinanet::io::atomic::Staged;
 use retinanet::io::hub::HubOptions;
 use retinanet::io::results::{coco_image_id, CocoResult, ImageRecord};
-use retinanet::kernels::Precision;
 use retinanet::tiling::{detect_tiled, TileConfig};
 use retinanet::zoo::{self, ModelSource};
+use retinanet::Precision;
 use retinanet::{LoadOptions, PostProcessConfig, RetinaNet};
 
 #[derive(Parser, Debug)]

@@ -266,7 +266,7 @@ fn bf16_products_accuracy_cost() {
                 max_size: meta.max_size,
                 ..Default::default()
             },
-            precision: retinanet::kernels::Precision::Bf16,
+            precision: retinanet::Precision::Bf16,
             ..Default::default()
         };
         let model = RetinaNet::load_with(dir.join("model.safetensors"), &Device::Cpu, &opts)
