@@ -33,7 +33,15 @@ fn convert(input: &Path, output: &Path, extra: &[&str]) -> std::process::Output 
 }
 
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-convert-{}", std::process::id()));
+    tmp_in("", name)
+}
+
+/// `name` in a folder of this process's own, `sub` apart from the other tests' files (the
+/// tests run in parallel, and one counts the temporaries its folder holds).
+fn tmp_in(sub: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir()
+        .join(format!("retinanet-convert-{}", std::process::id()))
+        .join(sub);
     std::fs::create_dir_all(&dir).unwrap();
     dir.join(name)
 }
@@ -154,7 +162,7 @@ fn f16_weights_load_as_an_f32_model() {
 fn bad_inputs_fail_naming_the_file_and_write_nothing() {
     let bogus = tmp("bogus.pth");
     std::fs::write(&bogus, b"not a checkpoint").unwrap();
-    let out = tmp("never.safetensors");
+    let out = tmp_in("bad-inputs", "never.safetensors");
     let run = convert(&bogus, &out, &[]);
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("bogus.pth"));
