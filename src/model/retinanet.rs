@@ -107,7 +107,7 @@ impl RetinaNet {
     }
 
     /// Prepares the network for inference: folds frozen batch norm into the convolutions and,
-    /// on CPU in f32, switches them to the crate's fast fused kernels (`layers::conv` on `kernels`). The
+    /// on CPU in f32, switches them to the crate's fast fused kernels (`layers::conv`). The
     /// result is no longer differentiable; training uses the unfused model.
     pub fn fuse_for_inference(&mut self) -> Result<()> {
         self.fuse_for_inference_with(Precision::F32)
