@@ -27,12 +27,9 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Runs `write` on a temporary path beside `path`, then renames it over `path`; on failure
 /// the temporary is removed and `path` is untouched.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let tmp = temporary_for(path)?;
-    let mut guard = TempGuard::new(tmp.clone());
-    write(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(io_error(path))?;
-    guard.disarm();
-    Ok(())
+    let guard = TempGuard::new(temporary_for(path)?);
+    write(guard.path())?;
+    guard.persist(path)
 }
 
 /// A fresh hidden temporary name beside `path` (`.NAME.PID-N.tmp`), its folder created.
@@ -77,6 +74,18 @@ impl TempGuard {
     pub fn disarm(&mut self) {
         self.0 = None;
     }
+
+    /// The guarded path (empty once disarmed).
+    pub fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// Renames the guarded file over `dest` and keeps it there.
+    pub fn persist(mut self, dest: &Path) -> Result<()> {
+        std::fs::rename(self.path(), dest).map_err(io_error(dest))?;
+        self.disarm();
+        Ok(())
+    }
 }
 
 impl Drop for TempGuard {
@@ -95,7 +104,7 @@ impl Drop for TempGuard {
 /// [`Staged::commit`], once all succeeded; dropped uncommitted, it removes them all.
 #[derive(Debug, Default)]
 pub struct Staged {
-    files: Vec<(TempGuard, PathBuf, PathBuf)>,
+    files: Vec<(TempGuard, PathBuf)>,
 }
 
 impl Staged {
@@ -105,10 +114,10 @@ impl Staged {
         dest: &Path,
         write: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<()> {
-        let tmp = temporary_for(dest)?;
         // Guarded before writing, so a failed write is cleaned up too.
-        self.files
-            .push((TempGuard::new(tmp.clone()), tmp.clone(), dest.to_path_buf()));
+        let guard = TempGuard::new(temporary_for(dest)?);
+        let tmp = guard.path().to_path_buf();
+        self.files.push((guard, dest.to_path_buf()));
         write(&tmp)
     }
 
@@ -131,9 +140,8 @@ impl Staged {
 
     /// Renames every file into place, in the order written.
     pub fn commit(mut self) -> Result<()> {
-        for (mut guard, tmp, dest) in std::mem::take(&mut self.files) {
-            std::fs::rename(&tmp, &dest).map_err(io_error(&dest))?;
-            guard.disarm();
+        for (guard, dest) in std::mem::take(&mut self.files) {
+            guard.persist(&dest)?;
         }
         Ok(())
     }

@@ -293,7 +293,7 @@ fn fetch_url(file: &str, sha256: Option<&str>, opts: &HubOptions) -> Result<Path
     let dir = &opts.torch_cache;
     prepare_download(&url, dir, opts)?;
     let tmp = dir.join(format!(".{file}.{}.part", unique_suffix()));
-    let mut cleanup = TempGuard::new(tmp.clone());
+    let cleanup = TempGuard::new(tmp.clone());
 
     let download = |message: String| Error::Download {
         url: url.clone(),
@@ -353,8 +353,7 @@ fn fetch_url(file: &str, sha256: Option<&str>, opts: &HubOptions) -> Result<Path
     }
     out.sync_all().map_err(io_error(&tmp))?;
     drop(out);
-    std::fs::rename(&tmp, &dest).map_err(io_error(&dest))?;
-    cleanup.disarm();
+    cleanup.persist(&dest)?;
     Ok(dest)
 }
 
@@ -469,7 +468,7 @@ fn install_hf(
 /// symlinks are unavailable, a copy.
 fn link_blob(blob: &Path, pointer: &Path, file: &str) -> Result<()> {
     let tmp = pointer.with_file_name(format!(".link-{}", unique_suffix()));
-    let mut cleanup = TempGuard::new(tmp.clone());
+    let cleanup = TempGuard::new(tmp.clone());
     #[cfg(unix)]
     {
         let ups = 1 + Path::new(file).components().count();
@@ -486,9 +485,7 @@ fn link_blob(blob: &Path, pointer: &Path, file: &str) -> Result<()> {
         let _ = file;
         std::fs::copy(blob, &tmp).map_err(io_error(&tmp))?;
     }
-    std::fs::rename(&tmp, pointer).map_err(io_error(pointer))?;
-    cleanup.disarm();
-    Ok(())
+    cleanup.persist(pointer)
 }
 
 #[cfg(test)]
