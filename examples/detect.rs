@@ -26,7 +26,7 @@ use retinanet::io::hub::HubOptions;
 use retinanet::io::results::{coco_image_id, CocoResult, ImageRecord};
 use retinanet::tiling::{detect_tiled, TileConfig};
 use retinanet::zoo::{self, ModelSource};
-use retinanet::Precision;
+use retinanet::{Kernels, Precision};
 use retinanet::{LoadOptions, PostProcessConfig, RetinaNet};
 
 #[derive(Parser, Debug)]
@@ -45,6 +45,10 @@ struct Args {
     /// Where to run: auto (CUDA, then Metal, then the CPU), cpu, cuda or metal.
     #[arg(long, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
+    /// The layers' implementation on the CPU: native (this crate's kernels) or candle
+    /// (Candle's device-agnostic ops only, the code CUDA and Metal run).
+    #[arg(long, default_value_t = Kernels::Native)]
+    kernels: Kernels,
     /// Precision of the CPU convolutions' products in the FPN and heads: bf16 (CPUs with
     /// AVX512-BF16) is about 1.2× faster, with scores within ~0.01 of f32.
     #[arg(long, value_enum, default_value_t = PrecisionArg::F32)]
@@ -263,6 +267,7 @@ fn load_model(args: &Args, device: &candle_core::Device) -> Result<RetinaNet> {
             PrecisionArg::F32 => Precision::F32,
             PrecisionArg::Bf16 => Precision::Bf16,
         },
+        kernels: args.kernels,
         ..Default::default()
     };
     let start = Instant::now();

@@ -30,6 +30,7 @@ use retinanet::device::{self, DeviceChoice};
 use retinanet::tiling;
 use retinanet::train::run::{self, Choices, Event, Init, LoopConfig, Metrics, RunConfig};
 use retinanet::train::{BackboneNorm, BoxLoss, LossConfig, LrSchedule, Trainer};
+use retinanet::Kernels;
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
@@ -113,6 +114,10 @@ struct Args {
     /// Where to train: auto (CUDA, then Metal, then the CPU), cpu, cuda or metal.
     #[arg(long, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
+    /// The layers' implementation on the CPU: native (this crate's kernels) or candle
+    /// (Candle's device-agnostic ops only, the code CUDA and Metal run).
+    #[arg(long, default_value_t = Kernels::Native)]
+    kernels: Kernels,
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
@@ -299,7 +304,8 @@ fn make_trainer(
         clip_grad_norm: args.clip_grad_norm,
         seed: args.seed,
     };
-    let (start, model_config, config) = choices.configs(num_classes, schedule)?;
+    let (start, model_config, mut config) = choices.configs(num_classes, schedule)?;
+    config.kernels = args.kernels;
     let data = (args.data.as_path(), args.train_split.as_deref());
     let run_config = RunConfig::new(
         data,

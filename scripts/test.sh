@@ -12,7 +12,7 @@ export RETINANET_FIXTURES="$fixtures"
 make_fixtures() {
   local script="$1" out="$fixtures/$2"
   local stamp
-  stamp="$(cat "scripts/$script" scripts/requirements.txt | sha256sum | cut -c1-16)"
+  stamp="$(cat "scripts/$script" scripts/fixture_common.py scripts/requirements.txt | sha256sum | cut -c1-16)"
   if [ "$(cat "$out/.stamp" 2>/dev/null)" != "$stamp" ]; then
     echo "generating $out with scripts/$script" >&2
     rm -rf "$out"

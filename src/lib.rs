@@ -52,6 +52,7 @@ pub use io::checkpoint::Checkpoint;
 pub use io::load::LoadOptions;
 pub use io::zoo;
 pub use io::zoo::{resolve, ModelSource};
+pub use kernels::Kernels;
 pub use layers::conv::Precision;
 pub use model::postprocess::{Detection, PostProcessConfig};
 pub use model::transform::{ImageBatch, TransformConfig};

@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use crate::io::checkpoint::Checkpoint;
 use crate::io::hub::{self, HubOptions};
 use crate::io::zoo::ModelSource;
-use crate::kernels::Precision;
+use crate::kernels::{Kernels, Precision};
 use crate::model::postprocess::PostProcessConfig;
 use crate::model::transform::TransformConfig;
 use crate::{Error, Result, RetinaNet, RetinaNetConfig};
@@ -39,6 +39,9 @@ pub struct LoadOptions {
     /// Precision of the fused CPU kernels' products in the FPN and heads: f32, or bf16 on
     /// CPUs with AVX512-BF16 (see [`Precision`] and [`RetinaNet::fuse_for_inference_with`]).
     pub precision: Precision,
+    /// The layers' implementation: this crate's CPU kernels, or Candle's ops only (the path
+    /// CUDA and Metal run, testable on the CPU). See [`Kernels`].
+    pub kernels: Kernels,
 }
 
 impl Default for LoadOptions {
@@ -53,6 +56,7 @@ impl Default for LoadOptions {
             postprocess: PostProcessConfig::default(),
             fuse: true,
             precision: Precision::F32,
+            kernels: Kernels::Native,
         }
     }
 }
@@ -91,6 +95,7 @@ impl RetinaNet {
             config.bn_eps = eps;
         }
         let mut model = ckpt.build(opts.dtype, device, |vb| Self::new(&config, vb))?;
+        model.set_kernels(opts.kernels)?;
         if opts.fuse {
             model.fuse_for_inference_with(opts.precision)?;
         }
