@@ -37,6 +37,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod geo;
 pub mod io;
 /// The CPU kernels behind [`layers`]: internal, public only for the crate's benchmarks.
 #[doc(hidden)]
