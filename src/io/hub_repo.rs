@@ -17,8 +17,9 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::io::atomic::{write_atomic, write_atomic_with};
+use crate::io::checkpoint::Checkpoint;
 use crate::io::hub::{self, HubOptions};
-use crate::{Error, LoadOptions, Result, RetinaNet};
+use crate::{Error, LoadOptions, Result, RetinaNet, RetinaNetConfig};
 
 /// The repo's configuration file.
 pub const CONFIG_FILE: &str = "config.json";
@@ -405,6 +406,104 @@ pub fn save_repo(weights: &Path, config: &RepoConfig, dir: &Path) -> Result<()> 
     })?;
     let json = serde_json::to_string_pretty(config).map_err(|e| Error::Invalid(e.to_string()))?;
     write_atomic(&cfg, json.as_bytes())
+}
+
+/// DeepForest's `main.deepforest` config defaults, for a repo fine-tuned from no repo.
+const DEEPFOREST_SCORE_THRESH: f32 = 0.1;
+const DEEPFOREST_NMS_THRESH: f64 = 0.05;
+
+/// The architecture of DeepForest's `RetinaNetHub` (ResNet-50 FPN v1) with `k` classes and
+/// `bn_eps`, or an error saying what `found` is instead.
+fn require_deepforest_architecture(found: &RetinaNetConfig, path: &Path) -> Result<()> {
+    let expected = RetinaNetConfig {
+        bn_eps: found.bn_eps,
+        ..RetinaNetConfig::v1(50, found.num_classes)?
+    };
+    if *found != expected {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!(
+                "DeepForest's RetinaNetHub is a ResNet-50 FPN v1; this model is {}",
+                found.describe()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The start of fine-tuning from a repo's `files` for `num_classes`, written to `dest` (with
+/// metadata `bn_eps`, so that the trainer builds DeepForest's batch norm): every tensor as the
+/// repo has it, except that with another class count both heads are new (torchvision's
+/// initialisation, drawn with `seed`), as DeepForest's `_adjust_classes` replaces them.
+/// Returns the repo's config.
+pub fn training_start(
+    files: &RepoFiles,
+    num_classes: usize,
+    seed: u64,
+    dest: &Path,
+) -> Result<Option<RepoConfig>> {
+    use crate::train::params::{initial_values, model_shapes, Start};
+    let config = files.config.as_deref().map(RepoConfig::read).transpose()?;
+    let ckpt = Checkpoint::open(&files.weights)?;
+    let base = RetinaNetConfig::infer(&ckpt)?;
+    let eps = match &config {
+        Some(_) => DEEPFOREST_BN_EPS,
+        None => base.bn_eps,
+    };
+    let target = RetinaNetConfig {
+        num_classes,
+        bn_eps: eps,
+        ..base.clone()
+    };
+    let fresh_heads = base.num_classes != num_classes;
+    let fresh = match fresh_heads {
+        true => initial_values(&target, &Start::Scratch, seed)?.0,
+        false => Default::default(),
+    };
+    let (vb, _) = ckpt.var_builder(candle_core::DType::F32, &Device::Cpu);
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, shape) in model_shapes(&target)? {
+        let value = match fresh.get(&name) {
+            Some(t) if name.starts_with("head.") => t.clone(),
+            _ => vb
+                .get(shape.as_slice(), &name)
+                .map_err(|e| Error::Checkpoint {
+                    path: files.weights.clone(),
+                    message: format!("cannot read `{name}`: {e}"),
+                })?,
+        };
+        tensors.insert(name, value);
+    }
+    let metadata = [("bn_eps".to_string(), format!("{eps:e}"))].into();
+    crate::train::checkpoint::write_safetensors(dest, &tensors, metadata)?;
+    Ok(config)
+}
+
+/// Writes a trained checkpoint (as `finetune` writes it: torchvision's names, metadata
+/// `class_names` and the input size) as a DeepForest repo in `dir` that
+/// `RetinaNetHub.from_pretrained` loads: `config.json` is `base` (the repo fine-tuned from,
+/// else DeepForest's default thresholds) with the checkpoint's classes and, where it trained
+/// at another size than torchvision's 800/1333, `min_size`/`max_size`.
+pub fn export_repo(checkpoint: &Path, base: Option<&RepoConfig>, dir: &Path) -> Result<()> {
+    let ckpt = Checkpoint::open(checkpoint)?;
+    let arch = RetinaNetConfig::infer(&ckpt)?;
+    require_deepforest_architecture(&arch, checkpoint)?;
+    let k = arch.num_classes;
+    let names = match ckpt.class_names()? {
+        Some(n) if n.len() == k => n,
+        _ => (0..k).map(|i| format!("label_{i}")).collect(),
+    };
+    let mut config = base.cloned().unwrap_or_else(|| RepoConfig {
+        score_thresh: Some(DEEPFOREST_SCORE_THRESH),
+        nms_thresh: Some(DEEPFOREST_NMS_THRESH),
+        ..Default::default()
+    });
+    config.num_classes = Some(k);
+    config.label_dict = Some(names.into_iter().zip(0..).collect());
+    if let Some((min, max)) = ckpt.input_size()?.filter(|&s| s != (800, 1333)) {
+        (config.min_size, config.max_size) = (Some(min), Some(max));
+    }
+    save_repo(checkpoint, &config, dir)
 }
 
 #[cfg(test)]
