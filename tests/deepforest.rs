@@ -465,6 +465,27 @@ fn finetuned_repo_round_trips_through_deepforest() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
 
+    // Python's huggingface_hub finds what our download left in the Hub cache, offline.
+    let lookup = "import sys; from huggingface_hub import hf_hub_download as d; \
+                  print(d(sys.argv[1], 'model.safetensors', cache_dir=sys.argv[2], \
+                  local_files_only=True))";
+    let found = Command::new(&python)
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["-c", lookup, repo])
+        .arg(dir.join("hf/hub"))
+        .output()
+        .unwrap();
+    let snapshot = dir.join(format!(
+        "hf/hub/models--test--round-trip/snapshots/{COMMIT}/model.safetensors"
+    ));
+    let stdout = String::from_utf8_lossy(&found.stdout);
+    assert_eq!(
+        stdout.trim(),
+        snapshot.to_str().unwrap(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+
     let config: Value = serde_json::from_slice(&read(saved.join("config.json"))).unwrap();
     assert_eq!(config["num_classes"], 2);
     assert_eq!(config["score_thresh"].as_f64(), Some(0.3));

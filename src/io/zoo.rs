@@ -488,12 +488,9 @@ impl ZooEntry {
                 ))
             })??;
         if let Source::HuggingFace { repo, revision, .. } = self.source {
+            // The repo's own weights and config.json say the class count, not the listing.
             let files = crate::io::hub_repo::fetch_repo(repo, revision, None, hub)?;
-            let base = LoadOptions {
-                config: opts.config.clone().or(Some(config)),
-                ..opts.clone()
-            };
-            return crate::io::hub_repo::load_files_with_config(&files, device, &base);
+            return crate::io::hub_repo::load_files_with_config(&files, device, opts);
         }
         let path = self.fetch(hub)?;
         let opts = LoadOptions {
