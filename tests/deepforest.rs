@@ -552,3 +552,86 @@ fn new_class_count_gives_new_heads_as_adjust_classes() {
     assert!((std - 0.01).abs() < 1e-3, "regression conv std {std}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn detect_cli_tiles_a_geotiff_from_the_hub_into_geojson_and_csv() {
+    let f = fixtures();
+    let server = Server::start();
+    let repo = "test/cli";
+    serve_repo(
+        &server,
+        repo,
+        &[
+            ("config.json", read(f.join("repo/config.json"))),
+            ("model.safetensors", read(f.join("repo/model.safetensors"))),
+        ],
+    );
+    let dir = scratch("cli");
+    let (geojson, csv) = (dir.join("boxes.geojson"), dir.join("boxes.csv"));
+    let run = Command::new(example_bin("detect"))
+        .env("HF_HOME", dir.join("hf"))
+        .env("HF_ENDPOINT", &server.url)
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HF_HUB_OFFLINE")
+        .args(["--model", &format!("hf:{repo}"), "--tile", "400"])
+        .arg("--geojson")
+        .arg(&geojson)
+        .arg("--csv")
+        .arg(&csv)
+        .arg(f.join("striped_rgba_lzw.tif"))
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+
+    // The CSV in DeepForest's columns, against predict_tile's own boxes.
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some("xmin,ymin,xmax,ymax,label,score,image_path")
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert!(rows.iter().all(|r| r[6] == "striped_rgba_lzw.tif"));
+    let reference = reference();
+    let theirs = reference["runs"][0]["boxes"].as_array().unwrap();
+    let diff = rows.len().abs_diff(theirs.len());
+    assert!(
+        diff * 100 <= theirs.len(),
+        "{} rows, deepforest {}",
+        rows.len(),
+        theirs.len()
+    );
+    let top = &theirs[0];
+    let first: Vec<f64> = rows[0][..4].iter().map(|v| v.parse().unwrap()).collect();
+    let expected = ["xmin", "ymin", "xmax", "ymax"].map(|k| top[k].as_f64().unwrap());
+    assert_eq!(first, expected);
+    assert_eq!(rows[0][4], top["label"].as_str().unwrap());
+
+    let collection: Value = serde_json::from_slice(&read(geojson)).unwrap();
+    assert_eq!(collection["features"].as_array().unwrap().len(), rows.len());
+    let crs = &collection["crs"]["properties"]["name"];
+    assert_eq!(crs, "urn:ogc:def:crs:EPSG::32612");
+
+    // A PNG has no georeference: --geojson refuses it by name.
+    let png = f.join("image.png");
+    let run = Command::new(example_bin("detect"))
+        .env("HF_HOME", dir.join("hf"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["--model", &format!("hf:{repo}"), "--max-size", "64"])
+        .arg("--geojson")
+        .arg(dir.join("no.geojson"))
+        .arg(&png)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("image.png") && stderr.contains("georeferenced"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -300,7 +300,7 @@ pub const DEEPFOREST: &[ZooEntry] = &[
         &["Tree"],
         "NEON airborne RGB (0.1 m), LiDAR-generated crowns then hand annotations (Weinstein et al. 2019, 2020)",
         Accuracy {
-            metric: "NeonTreeEvaluation benchmark (no figure in DeepForest's docs)",
+            metric: "none in DeepForest's docs",
             value: None,
         },
     ),
@@ -309,7 +309,7 @@ pub const DEEPFOREST: &[ZooEntry] = &[
         &["Bird"],
         "over 250,000 bird annotations from 13 aerial projects (Weinstein et al. 2022)",
         Accuracy {
-            metric: "recall on novel aerial data without local training (precision 50 %)",
+            metric: "recall on unseen aerial data, precision 50 %:",
             value: Some(65.0),
         },
     ),
