@@ -107,32 +107,6 @@ impl RepoConfig {
         }
         Ok(Some(names.into_iter().flatten().collect()))
     }
-
-    /// The config of `model` as `save_pretrained` writes it: its class names as `label_dict`
-    /// (`label_N` where it has none), thresholds, limits and input size.
-    pub fn of_model(model: &RetinaNet) -> Self {
-        let k = model.config().num_classes;
-        let label_dict = (0..k)
-            .map(|i| {
-                let name = model
-                    .class_name(i)
-                    .map_or(format!("label_{i}"), str::to_string);
-                (name, i as i64)
-            })
-            .collect();
-        let post = &model.postprocess;
-        Self {
-            num_classes: Some(k),
-            label_dict: Some(label_dict),
-            score_thresh: Some(post.score_thresh),
-            nms_thresh: Some(post.nms_thresh),
-            detections_per_img: Some(post.detections_per_img),
-            topk_candidates: Some(post.topk_candidates),
-            min_size: Some(model.transform.min_size),
-            max_size: Some(model.transform.max_size),
-            other: Default::default(),
-        }
-    }
 }
 
 /// The local files of a repo: weights, and `config.json` where the repo has one.
