@@ -13,6 +13,9 @@
 //! [`train`] runs the steps (parameter store, SGD, schedule, checkpoints) over [`data`].
 //! [`eval`] scores detections as pycocotools does. [`io`] reads checkpoints, resolves and
 //! downloads models ([`zoo::resolve`]), writes files atomically and draws annotated images;
+//! [`io::hub_repo`] reads and writes Hugging Face model repos as DeepForest does;
+//! [`tiling`] runs large images in windows (DeepForest's `predict_tile` among them) and
+//! [`geo`] reads GeoTIFFs window by window and writes boxes in map coordinates.
 //! [`layers`] holds the building blocks (convolutions, norms, pools) in their inference and
 //! training forms, running on fast CPU kernels kept internal to the crate.
 //!
