@@ -245,9 +245,9 @@ fn repo_info(repo: &str, revision: &str, opts: &HubOptions) -> Result<(Vec<Strin
 }
 
 /// The local files of a Hub repo at `revision`, downloading what the cache lacks: the weights
-/// (`file`, else `model.safetensors`, else the repo's only `.safetensors` file) and `config.json` where the repo has one. Online,
-/// the revision is resolved to its commit first (one API call); offline
-/// (`HF_HUB_OFFLINE`), only the cache is read.
+/// (`file`, else `model.safetensors`, else the repo's only `.safetensors` file) and
+/// `config.json` where the repo has one. Online, the revision is resolved to its commit first
+/// (one API call); offline (`HF_HUB_OFFLINE`), only the cache is read.
 pub fn fetch_repo(
     repo: &str,
     revision: &str,
