@@ -267,8 +267,16 @@ fn legacy_repo_with_a_lone_safetensors_file_matches_predict_tile() {
         ],
     );
     let dir = scratch("legacy");
-    let files = hub_repo::fetch_repo(repo, "main", None, &options(&server, &dir)).unwrap();
+    // A private repo: HF_TOKEN goes with the API call and every download.
+    let opts = HubOptions {
+        hf_token: Some("hf_secret".into()),
+        ..options(&server, &dir)
+    };
+    let files = hub_repo::fetch_repo(repo, "main", None, &opts).unwrap();
     assert!(files.weights.ends_with("NEON.safetensors"));
+    let auth = server.authorizations();
+    assert!(auth.len() >= 3, "{auth:?}");
+    assert!(auth.iter().all(|a| a == "Bearer hf_secret"), "{auth:?}");
     let model = hub_repo::load_files(&files, &Device::Cpu, &LoadOptions::default()).unwrap();
 
     let run = &reference()["runs"][1];

@@ -164,7 +164,8 @@ impl ModelSource {
                 file,
             } => {
                 let hub = HubOptions::from_env()?;
-                let url = hub::hf_url(&hub, repo, revision, file.as_deref().unwrap_or(""));
+                let weights = file.as_deref().unwrap_or(hub_repo::WEIGHTS_FILE);
+                let url = hub::hf_url(&hub, repo, revision, weights);
                 let loaded = hub_repo::fetch_repo(repo, revision, file.as_deref(), &hub)
                     .and_then(|files| hub_repo::load_files_with_config(&files, device, opts));
                 (loaded, url)
