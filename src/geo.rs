@@ -392,6 +392,64 @@ pub fn deepforest_csv(images: &[(String, Vec<Detection>)], model: &RetinaNet) ->
 mod tests {
     use super::*;
 
+    /// A 4×3 RGB TIFF with the given GeoTIFF tags.
+    fn tiff_with(name: &str, tags: &[(Tag, Vec<f64>)], keys: &[u16]) -> PathBuf {
+        use tiff::encoder::{colortype::RGB8, TiffEncoder};
+        let path =
+            std::env::temp_dir().join(format!("retinanet-geo-{}-{name}.tif", std::process::id()));
+        let file = File::create(&path).unwrap();
+        let mut encoder = TiffEncoder::new(std::io::BufWriter::new(file)).unwrap();
+        let mut image = encoder.new_image::<RGB8>(4, 3).unwrap();
+        for (tag, values) in tags {
+            image.encoder().write_tag(*tag, &values[..]).unwrap();
+        }
+        if !keys.is_empty() {
+            image
+                .encoder()
+                .write_tag(Tag::GeoKeyDirectoryTag, keys)
+                .unwrap();
+        }
+        let pixels: Vec<u8> = (0..36).collect();
+        image.write_data(&pixels).unwrap();
+        path
+    }
+
+    #[test]
+    fn georeference_from_tie_point_and_scale_or_matrix() {
+        // Version header, then (key, location 0, count 1, value): Projected CRS 3857,
+        // raster type PixelIsPoint.
+        let keys = [1, 1, 0, 2, 3072, 0, 1, 3857, 1025, 0, 1, 2];
+        let tie = vec![0.0, 0.0, 0.0, 100.0, 200.0, 0.0];
+        let scale = vec![2.0, 3.0, 0.0];
+        let tags = [
+            (Tag::ModelTiepointTag, tie),
+            (Tag::ModelPixelScaleTag, scale),
+        ];
+        let path = tiff_with("point", &tags, &keys);
+        let mut tiff = GeoTiff::open(&path).unwrap();
+        let g = *tiff.georeference().unwrap();
+        // GDAL: a PixelIsPoint tie point is a pixel centre, so corners move half a pixel.
+        assert_eq!(g.transform.0, [2.0, 0.0, 99.0, 0.0, -3.0, 201.5]);
+        assert_eq!(g.epsg, Some(3857));
+        let all = tiff.read_all().unwrap();
+        assert_eq!(all.get_pixel(3, 2).0, [33, 34, 35]);
+        std::fs::remove_file(&path).unwrap();
+
+        let matrix = vec![
+            0.5, 0.1, 0.0, 10.0, 0.2, -0.5, 0.0, 20.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0,
+        ];
+        let keys = [1, 1, 0, 1, 2048, 0, 1, 4326];
+        let path = tiff_with("matrix", &[(Tag::ModelTransformationTag, matrix)], &keys);
+        let g = *GeoTiff::open(&path).unwrap().georeference().unwrap();
+        assert_eq!(g.transform.0, [0.5, 0.1, 10.0, 0.2, -0.5, 20.0]);
+        assert_eq!(g.epsg, Some(4326));
+        std::fs::remove_file(&path).unwrap();
+
+        let path = tiff_with("plain", &[], &[]);
+        assert!(GeoTiff::open(&path).unwrap().georeference().is_none());
+        std::fs::remove_file(&path).unwrap();
+    }
+
     #[test]
     fn affine_maps_pixel_corners() {
         let t = Affine([0.1, 0.0, 541040.0, 0.0, -0.1, 4977940.0]);
