@@ -215,6 +215,11 @@ fn run(args: Args) -> Result<()> {
     let hub = hub_start(&args, num_classes)?;
     let start = hub.as_ref().map(|(path, _)| path.as_path());
     let mut trainer = make_trainer(&args, &loader, num_classes, schedule, &device, start)?;
+    if let Some(dir) = &args.save_repo {
+        // Before training, not after: only DeepForest's architecture makes a repo it loads.
+        hub_repo::require_deepforest_architecture(trainer.model().config(), dir)
+            .context("--save-repo")?;
+    }
     if let Some(f16) = run::complete(&trainer, &args.out, args.f16)? {
         eprintln!("{}: the run is complete", args.out.display());
         f16.inspect(|path| eprintln!("wrote {}", path.display()));

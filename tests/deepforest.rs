@@ -643,3 +643,34 @@ fn detect_cli_tiles_a_geotiff_from_the_hub_into_geojson_and_csv() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn save_repo_refuses_other_architectures_before_training() {
+    let f = fixtures();
+    let dir = scratch("save-repo-r18");
+    let png = image::open(f.join("image.png")).unwrap().to_rgb8();
+    let crop = image::imageops::crop_imm(&png, 0, 0, 200, 200).to_image();
+    crop.save(dir.join("crop.png")).unwrap();
+    std::fs::write(dir.join("boxes.csv"), "crop.png,10,10,60,60,Tree\n").unwrap();
+    let run = Command::new(example_bin("finetune"))
+        .args(["--from-scratch", "--depth", "18", "--steps", "1"])
+        .arg("--data")
+        .arg(dir.join("boxes.csv"))
+        .arg("--out")
+        .arg(dir.join("run"))
+        .arg("--save-repo")
+        .arg(dir.join("repo"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success());
+    assert!(
+        stderr.contains("--save-repo") && stderr.contains("ResNet-50 FPN v1"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.join("run/final.safetensors").exists(),
+        "trained anyway"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

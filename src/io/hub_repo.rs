@@ -386,9 +386,9 @@ pub fn save_repo(weights: &Path, config: &RepoConfig, dir: &Path) -> Result<()> 
 const DEEPFOREST_SCORE_THRESH: f32 = 0.1;
 const DEEPFOREST_NMS_THRESH: f64 = 0.05;
 
-/// The architecture of DeepForest's `RetinaNetHub` (ResNet-50 FPN v1) with `k` classes and
-/// `bn_eps`, or an error saying what `found` is instead.
-fn require_deepforest_architecture(found: &RetinaNetConfig, path: &Path) -> Result<()> {
+/// Checks that `found` is the architecture of DeepForest's `RetinaNetHub` (ResNet-50 FPN v1,
+/// any class count and eps), else an error naming `path` and what `found` is.
+pub fn require_deepforest_architecture(found: &RetinaNetConfig, path: &Path) -> Result<()> {
     let expected = RetinaNetConfig {
         bn_eps: found.bn_eps,
         ..RetinaNetConfig::v1(50, found.num_classes)?
