@@ -91,7 +91,7 @@ def time_train(model, images):
             name.startswith(f"backbone.body.layer{i}") for i in (2, 3, 4))
         p.requires_grad_(not frozen)
     model.train()
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9,
                           weight_decay=1e-4)
     h, w = images[0].shape[1:]
     box = torch.tensor([[0.1 * w, 0.2 * h, 0.45 * w, 0.9 * h], [0.5 * w, 0.1 * h, 0.95 * w, 0.6 * h]])

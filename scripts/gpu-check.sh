@@ -119,6 +119,7 @@ import json, re, sys
 from pathlib import Path
 out, bench = Path(sys.argv[1]), Path(sys.argv[2])
 print("\n## Detections on the device against torchvision on the device (TF32 off)\n")
+print("(On a GPU both \"native\" and \"candle\" runs take Candle's ops: this crate's kernels are CPU-only.)\n")
 print("| fixture | image | matched | extra |\n|---|---|---|---|")
 tot = [0, 0, 0]
 for line in (out / "parity.log").read_text(errors="replace").splitlines():
@@ -131,12 +132,16 @@ if tot[1]:
     print(f"\nAll: {tot[0]}/{tot[1]} matched ({100*tot[0]/tot[1]:.2f} %), {tot[2]} extra.")
 for t in ("parity", "train_parity"):
     text = (out / f"{t}.log").read_text(errors="replace")
-    res = re.findall(r"^test (\S+) \.\.\. (\w+)", text, re.M)
+    # With --nocapture a test's output interleaves its status line: list the names, then
+    # the failures libtest sums up at the end.
+    names = sorted(set(re.findall(r"^test (\S+) \.\.\. ", text, re.M)))
+    failed = re.findall(r"^failures:\n((?:    \S+\n)+)", text, re.M)
+    failed = failed[-1].split() if failed else []
     print(f"\n## `{t}` tests on the device\n")
-    for name, status in res:
-        print(f"- {name}: {status}")
+    for name in names:
+        print(f"- {name}: {'FAILED' if name in failed else 'ok'}")
     summary = re.findall(r"^test result: .*$", text, re.M)
-    print(f"\n{summary[-1] if summary else 'no test summary: see ' + t + '.log'}")
+    print(f"\n{summary[-1] if summary else 'no test summary (crashed?): see ' + t + '.log'}")
     if t == "train_parity":
         print("\nLosses after three steps (ours vs torchvision):\n")
         for l in re.findall(r"^.*after 3 steps: .* vs .*$", text, re.M)[:12]:
