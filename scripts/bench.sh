@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # CPU benchmark: our detect against torchvision's, side by side on the same weights (the
-# R50-FPN v1 parity fixture), images and thread count. Each row runs both implementations in
+# R50-FPN v1 parity fixture), images and thread count; detect rows also run the network
+# (backbone + FPN + heads) exported to ONNX in ONNX Runtime and OpenVINO (f32, and bf16 on
+# the bf16 row: scripts/bench_runtimes.py, its own venv), the runtimes a user would deploy. Each row runs both implementations in
 # alternating rounds (separate processes, so peak memory is per job) and reports the median of
 # the per-round ratios. Run it on an idle machine: anything else on the cores skews both.
 # Usage: scripts/bench.sh [THREADS] [ROUNDS] [RUNS_PER_ROUND]
@@ -13,6 +15,7 @@ threads="${1:-2}"
 rounds="${2:-3}"
 runs="${3:-3}"
 py="$(bash scripts/venv.sh)"
+rpy="$(bash scripts/venv.sh scripts/requirements-runtimes.txt)"
 fixtures="${RETINANET_FIXTURES:-$PWD/target/fixtures}"
 weights="$fixtures/parity/v1_r50_coco/model.safetensors"
 [ -f "$weights" ] || { echo "missing $weights: run bash scripts/test.sh first" >&2; exit 1; }
@@ -41,7 +44,17 @@ run_row() { # name, args... (a name with "bf16" runs ours with bf16 products)
     if [ -n "${BENCH_BEFORE:-}" ]; then
       before="$("$BENCH_BEFORE" --runs "$runs" "$@" "${extra[@]}")"
     fi
-    echo "{\"row\": \"$name\", \"round\": $r, \"ours\": $ours, \"theirs\": $theirs, \"before\": $before}" >> "$out"
+    ort=null ov=null
+    if [[ " $* " == *" --mode detect "* ]]; then
+      local rt=("$rpy" scripts/bench_runtimes.py --threads "$threads" --runs "$runs" "$@")
+      if [[ "$name" == *bf16* ]]; then
+        ov="$("${rt[@]}" --runtime openvino --precision bf16)"
+      else
+        ort="$("${rt[@]}" --runtime onnxruntime)"
+        ov="$("${rt[@]}" --runtime openvino --precision f32)"
+      fi
+    fi
+    echo "{\"row\": \"$name\", \"round\": $r, \"ours\": $ours, \"theirs\": $theirs, \"before\": $before, \"ort\": $ort, \"ov\": $ov}" >> "$out"
   done
 }
 common=(--weights "$weights")
@@ -66,8 +79,9 @@ macs = json.loads(sys.argv[2])["macs"]
 print(f"threads: {sys.argv[3]}; convolution MACs of one 800x1066 detect: {macs / 1e9:.1f} G")
 ab = all(r["before"] is not None for rs in rows.values() for r in rs)
 print("| job | ours ms | torchvision ms | ours/torchvision (median of rounds) | ours peak MB | torchvision peak MB |"
+      " ONNX Runtime ms (network) | OpenVINO ms (network) | ours/OpenVINO | ONNX Runtime, OpenVINO peak MB |"
       + (" before ms | ours/before | before peak MB |" if ab else ""))
-print("|---|---|---|---|---|---|" + ("---|---|---|" if ab else ""))
+print("|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if ab else ""))
 gemm, det = {}, None
 for name, rs in rows.items():
     o = statistics.median(r["ours"]["ms_median"] for r in rs)
@@ -76,6 +90,13 @@ for name, rs in rows.items():
     om = max(r["ours"]["peak_rss_mb"] for r in rs)
     tm = max(r["theirs"]["peak_rss_mb"] for r in rs)
     line = f"| {name} | {o:.1f} | {t:.1f} | {ratio:.2f} | {om:.0f} | {tm:.0f} |"
+    peer = lambda k: [r[k] for r in rs if r.get(k)]
+    ort, ov = peer("ort"), peer("ov")
+    med = lambda xs: f"{statistics.median(x['ms_median'] for x in xs):.1f}" if xs else "–"
+    vs_ov = (f"{statistics.median(r['ours']['ms_median'] / r['ov']['ms_median'] for r in rs if r.get('ov')):.2f}"
+             if ov else "–")
+    mem = ", ".join(f"{max(x['peak_rss_mb'] for x in xs):.0f}" if xs else "–" for xs in (ort, ov))
+    line += f" {med(ort)} | {med(ov)} | {vs_ov} | {mem} |"
     if ab:
         b = statistics.median(r["before"]["ms_median"] for r in rs)
         vs = statistics.median(r["ours"]["ms_median"] / r["before"]["ms_median"] for r in rs)
