@@ -144,9 +144,8 @@ fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     for (index, path) in images.iter().enumerate() {
         bar.set_message(path.display().to_string());
-        let image = image::open(path)
-            .with_context(|| format!("cannot read image {}", path.display()))?
-            .to_rgb8();
+        // Strict: a truncated or corrupt image is an error naming it.
+        let image = retinanet::data::decode_rgb(path)?;
         let t0 = Instant::now();
         let detections = match &tiling {
             Some(t) => detect_tiled(&model, &image, t),

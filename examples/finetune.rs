@@ -10,7 +10,8 @@
 //!
 //! Writes into `--out`: `metrics.jsonl` (one line per logged step, naming the samples it
 //! trained on and which were flipped, and one per validation),
-//! `loss.png`, `last.safetensors` (checkpoint with optimiser state beside it, for `--resume`),
+//! `loss.png`, `last.safetensors` (checkpoint with the optimiser state in the same file, for
+//! `--resume`),
 //! `final.safetensors` (loads in `detect` unchanged; with `--f16` also `final.f16.safetensors`)
 //! and `run.json` (the settings, which `--resume` checks). Every file is written atomically.
 
@@ -202,6 +203,10 @@ fn run(args: Args) -> Result<()> {
     let bpe = loader.batches_per_epoch();
     let steps = run::run_steps(args.steps, args.epochs, bpe)?;
     let schedule = run::schedule(steps, args.batch_size, args.lr)?;
+    // Temporaries of a killed run are never complete: remove them before anything else.
+    for name in retinanet::io::atomic::remove_stale_temporaries(&args.out)? {
+        eprintln!("removed {name}, a temporary left by an interrupted run");
+    }
     let mut trainer = make_trainer(&args, &loader, num_classes, schedule, &device)?;
     if let Some(f16) = run::complete(&trainer, &args.out, args.f16)? {
         eprintln!("{}: the run is complete", args.out.display());

@@ -30,6 +30,7 @@
 mod augment;
 mod coco;
 mod csv_format;
+mod decode;
 mod loader;
 mod voc;
 mod yolo;
@@ -44,6 +45,7 @@ pub use crate::tiling::Region;
 pub use augment::{
     augment, crop_boxes, AugmentConfig, Augmented, CropConfig, Rng, TileConfig, TileStats,
 };
+pub use decode::{decode_rgb, decode_rgb_bytes, MAX_PIXELS};
 pub use loader::{Batch, Batches, Loader, LoaderConfig, Target};
 
 /// Result type of this module.
@@ -334,17 +336,6 @@ impl Sample {
             image::imageops::crop_imm(image, region.x, region.y, region.width, region.height);
         Ok(view.to_image())
     }
-}
-
-/// Decodes an image file to RGB, trusting its content over its extension.
-pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
-    let img_err = |source| DataError::Image {
-        path: path.to_path_buf(),
-        source,
-    };
-    let reader = image::ImageReader::open(path).map_err(io_err(path))?;
-    let reader = reader.with_guessed_format().map_err(io_err(path))?;
-    Ok(reader.decode().map_err(img_err)?.to_rgb8())
 }
 
 /// A loaded dataset.
@@ -670,22 +661,18 @@ fn resolve_image(
     Ok(None)
 }
 
-/// Reads an image's size from its header, warning [`WarningKind::UnreadableImage`] on
-/// failure.
+/// Decodes an image in full (a truncated or corrupt file must not reach training) for its
+/// size, warning [`WarningKind::UnreadableImage`] on failure.
 fn image_size(
     path: &Path,
     report: &mut Report,
     file: &Path,
     line: Option<usize>,
 ) -> Result<Option<(u32, u32)>> {
-    let size = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(image::ImageError::IoError)
-        .and_then(|r| r.into_dimensions());
-    match size {
-        Ok(size) => Ok(Some(size)),
+    match decode_rgb(path) {
+        Ok(image) => Ok(Some(image.dimensions())),
         Err(e) => {
-            let msg = format!("cannot read image {}: {e}; skipped", path.display());
+            let msg = format!("{e}; skipped");
             report.warn(file, line, WarningKind::UnreadableImage, msg)?;
             Ok(None)
         }

@@ -49,7 +49,10 @@ impl std::fmt::Debug for Checkpoint {
 /// model does not use.
 pub fn canonical_name(name: &str) -> Option<String> {
     let name = name.strip_prefix("module.").unwrap_or(name);
-    if name.ends_with("num_batches_tracked") {
+    // Training checkpoints carry the optimiser's state beside the model.
+    if name.ends_with("num_batches_tracked")
+        || name.starts_with(crate::train::checkpoint::OPTIMIZER_PREFIX)
+    {
         return None;
     }
     let parts: Vec<&str> = name.split('.').collect();

@@ -359,7 +359,8 @@ pub fn finish(
     metrics: &mut Metrics,
     batches_per_epoch: usize,
 ) -> Result<Option<Value>> {
-    trainer.save(out.join("final.safetensors"))?;
+    // The final model ships without the optimiser state that `last.safetensors` keeps.
+    trainer.export(out.join("final.safetensors"), candle_core::DType::F32)?;
     if f16 {
         trainer.export(out.join("final.f16.safetensors"), candle_core::DType::F16)?;
     }
@@ -572,6 +573,7 @@ pub fn train_loop(
     let bpe = loader.batches_per_epoch();
     let first = trainer.step_count();
     let every = config.checkpoint_every.unwrap_or(bpe);
+    check_loader_position(&config.out.join("last.safetensors"), first, bpe)?;
     // Batches depend only on (seed, epoch, ids): skipping reproduces an uninterrupted run.
     let mut batches = loader.stream(first / bpe).skip(first % bpe);
     let mut speed = Speed::default();
@@ -605,10 +607,51 @@ pub fn train_loop(
             metrics.push(record);
         }
         if done.is_multiple_of(every) || done == config.stop {
-            trainer.save(config.out.join("last.safetensors"))?;
+            // Metrics first: records past the checkpoint's step are dropped on resume, while
+            // a checkpoint ahead of its metrics would lose records.
             metrics.flush()?;
+            let position = loader_position(done, bpe);
+            trainer.save_with(config.out.join("last.safetensors"), position)?;
             report(Event::Checkpoint(metrics))?;
         }
+    }
+    Ok(())
+}
+
+/// The checkpoint metadata `loader`: where the loader stands after `done` steps of
+/// `batches_per_epoch` (its order and flips derive from the seed and the epoch).
+fn loader_position(
+    done: usize,
+    batches_per_epoch: usize,
+) -> std::collections::HashMap<String, String> {
+    let position = json!({
+        "epoch": done / batches_per_epoch,
+        "batch": done % batches_per_epoch,
+        "batches_per_epoch": batches_per_epoch,
+    });
+    [("loader".to_string(), position.to_string())].into()
+}
+
+/// On resume from `last` after `done` steps: the loader must stand where the checkpoint
+/// says (it does unless the data changed under the run).
+fn check_loader_position(last: &Path, done: usize, batches_per_epoch: usize) -> Result<()> {
+    if done == 0 || !last.is_file() {
+        return Ok(());
+    }
+    let ckpt = Checkpoint::open(last)?;
+    let Some(saved) = ckpt.metadata().get("loader") else {
+        return Ok(());
+    };
+    let expected = &loader_position(done, batches_per_epoch)["loader"];
+    let same = serde_json::from_str::<Value>(saved).ok() == serde_json::from_str(expected).ok();
+    if !same {
+        return Err(Error::Checkpoint {
+            path: last.to_path_buf(),
+            message: format!(
+                "the loader stood at {saved} when saved, it would now stand at {expected}: \
+                 has the training data changed?"
+            ),
+        });
     }
     Ok(())
 }
