@@ -110,6 +110,8 @@ fn main() -> ExitCode {
     retinanet::device::one_candle_pool_thread();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // `detect … | head`: the reader has all it wants.
+        Err(e) if retinanet::io::atomic::is_broken_pipe(e.as_ref()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -126,6 +128,7 @@ fn run(args: Args) -> Result<()> {
         let t = args.score_threshold;
         bail!("--score-threshold must be in [0, 1), got {t}");
     }
+    check_numbers(&args)?;
     let tiling = args.tile.map(|size| TileConfig::new(size, args.overlap));
     if let Some(t) = &tiling {
         retinanet::tiling::tile_grid(1, 1, t).context("--tile/--overlap")?;
@@ -189,22 +192,39 @@ fn run(args: Args) -> Result<()> {
     staged.commit()?;
     let asked_files = args.out.is_some() || json_file.is_some() || args.coco_results.is_some();
     let json_on_stdout = args.json.is_some() && json_file.is_none() || !asked_files;
+    let mut stdout = String::new();
     if json_on_stdout {
-        println!("{json}");
+        stdout += &format!("{json}\n");
     }
     for line in summaries.iter().filter(|_| asked_files) {
         // Standard output stays pure JSON when it carries the JSON.
         match json_on_stdout {
             true => eprintln!("{line}"),
-            false => println!("{line}"),
+            false => stdout += &format!("{line}\n"),
         }
     }
+    // Errors, not panics: a full disk exits 1 with a message, a closed pipe quietly.
+    retinanet::io::atomic::write_stdout(stdout.as_bytes())?;
     let (n, total) = (results.len(), coco.len());
     eprintln!(
         "{n} image(s), {total} detections in {elapsed:.2}s ({:.2} images/s) on {}",
         n as f64 / elapsed.max(1e-9),
         retinanet::device::name(&device)
     );
+    Ok(())
+}
+
+/// Refuses numbers out of range before any work starts, naming the flag.
+fn check_numbers(args: &Args) -> Result<()> {
+    use retinanet::limits::{check_non_negative, check_side, check_unit};
+    check_unit(args.nms_threshold, "--nms-threshold")?;
+    check_unit(f64::from(args.draw_threshold), "--draw-threshold")?;
+    if let Some(eps) = args.bn_eps {
+        check_non_negative(eps, "--bn-eps")?;
+    }
+    for (side, flag) in [(args.min_size, "--min-size"), (args.max_size, "--max-size")] {
+        side.map(|s| check_side(s, flag)).transpose()?;
+    }
     Ok(())
 }
 

@@ -172,6 +172,7 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
+    check_numbers(&args)?;
     let device = args.device.open()?;
     let val = match (&args.val, &args.val_split) {
         (Some(p), _) => Some((p.as_path(), None)),
@@ -266,6 +267,26 @@ fn run(args: Args) -> Result<()> {
     // The file's metadata carries the input size, which detect uses by default.
     let path = final_path.display();
     eprintln!("wrote {path}; detect with: cargo run --release --example detect -- --weights {path}{tile} IMAGE");
+    Ok(())
+}
+
+/// Refuses numbers out of range before any work starts, naming the flag.
+fn check_numbers(args: &Args) -> Result<()> {
+    use retinanet::limits::{check_positive, check_side, check_unit};
+    let optional = [
+        (args.lr, "--lr"),
+        (args.clip_grad_norm, "--clip-grad-norm"),
+        (args.epochs, "--epochs"),
+    ];
+    for (value, flag) in optional {
+        value.map(|v| check_positive(v, flag)).transpose()?;
+    }
+    check_unit(f64::from(args.hflip), "--hflip")?;
+    check_side(args.min_size, "--min-size")?;
+    check_side(args.max_size, "--max-size")?;
+    if args.batch_size == 0 || args.steps == Some(0) || args.depth == 0 {
+        bail!("--batch-size, --steps and --depth must be positive");
+    }
     Ok(())
 }
 

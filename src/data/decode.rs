@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use image::{DynamicImage, ImageError, RgbImage};
+use image::{DynamicImage, RgbImage};
 use zune_core::bytestream::ZCursor;
 use zune_core::colorspace::ColorSpace;
 use zune_core::options::DecoderOptions;
@@ -32,14 +32,19 @@ pub fn decode_rgb_bytes(bytes: &[u8], path: &Path) -> Result<RgbImage> {
         path: path.to_path_buf(),
         source,
     };
+    let corrupt = |message: String| DataError::Parse {
+        file: path.to_path_buf(),
+        line: None,
+        message: format!("cannot read image: {message}"),
+    };
     if bytes.starts_with(&[0xFF, 0xD8]) {
-        return decode_jpeg(bytes).map_err(image_err);
+        return decode_jpeg(bytes).map_err(corrupt);
     }
     let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(io_err(path))?;
     let (w, h) = reader_dimensions(bytes).map_err(image_err)?;
-    check_pixels(w, h).map_err(image_err)?;
+    check_pixels(w, h).map_err(corrupt)?;
     Ok(reader.decode().map_err(image_err)?.to_rgb8())
 }
 
@@ -50,41 +55,32 @@ fn reader_dimensions(bytes: &[u8]) -> image::ImageResult<(u32, u32)> {
         .into_dimensions()
 }
 
-fn check_pixels(w: u32, h: u32) -> image::ImageResult<()> {
+fn check_pixels(w: u32, h: u32) -> std::result::Result<(), String> {
     let pixels = u64::from(w) * u64::from(h);
     if pixels == 0 || pixels > MAX_PIXELS {
         let mib = pixels * 3 >> 20;
-        return Err(decoding(format!(
+        return Err(format!(
             "{w}×{h} pixels ({mib} MiB as RGB): at most {MAX_PIXELS} pixels and none empty"
-        )));
+        ));
     }
     Ok(())
 }
 
-fn decoding(message: String) -> ImageError {
-    ImageError::Decoding(image::error::DecodingError::new(
-        image::error::ImageFormatHint::Unknown,
-        message,
-    ))
-}
-
 /// Strict JPEG decoding: premature ends, corrupt entropy data and stray markers are errors.
-fn decode_jpeg(bytes: &[u8]) -> image::ImageResult<RgbImage> {
-    let jpeg = |e: zune_jpeg::errors::DecodeErrors| decoding(format!("corrupt JPEG: {e}"));
+fn decode_jpeg(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+    let jpeg = |e: zune_jpeg::errors::DecodeErrors| format!("corrupt JPEG: {e}");
     let options = DecoderOptions::default()
         .set_strict_mode(true)
         .set_max_width(usize::MAX)
         .set_max_height(usize::MAX);
     let mut decoder = zune_jpeg::JpegDecoder::new_with_options(ZCursor::new(bytes), options);
     decoder.decode_headers().map_err(jpeg)?;
-    let (w, h) = decoder
-        .dimensions()
-        .ok_or_else(|| decoding("JPEG without a frame header".into()))?;
+    let (w, h) = decoder.dimensions().ok_or("JPEG without a frame header")?;
     let (w, h) = (w as u32, h as u32);
     check_pixels(w, h)?;
     let input = decoder
         .input_colorspace()
-        .ok_or_else(|| decoding("JPEG without a colour space".into()))?;
+        .ok_or("JPEG without a colour space")?;
     // As `image` does: keep RGB(A) and grey (with alpha), convert the rest to RGB.
     let out = match input {
         ColorSpace::RGB | ColorSpace::RGBA | ColorSpace::Luma | ColorSpace::LumaA => input,
@@ -92,7 +88,7 @@ fn decode_jpeg(bytes: &[u8]) -> image::ImageResult<RgbImage> {
     };
     decoder.set_options(decoder.options().jpeg_set_out_colorspace(out));
     let pixels = decoder.decode().map_err(jpeg)?;
-    let short = || decoding(format!("JPEG decoded to fewer bytes than {w}×{h} {out:?}"));
+    let short = || format!("JPEG decoded to fewer bytes than {w}×{h} {out:?}");
     let image = match out {
         ColorSpace::RGB => {
             DynamicImage::ImageRgb8(RgbImage::from_raw(w, h, pixels).ok_or_else(short)?)

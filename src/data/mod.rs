@@ -216,6 +216,9 @@ pub enum WarningKind {
     Crowd,
     /// An image has no annotation file; it is kept as an image without objects.
     NoAnnotation,
+    /// No class names were given (YOLO without `data.yaml` or `classes.txt`): the classes
+    /// were numbered up to the largest label used, and named by their numbers.
+    ClassesGuessed,
 }
 
 impl WarningKind {
@@ -430,6 +433,16 @@ impl Dataset {
             self.num_classes(),
             self.warnings.len()
         );
+        let unreadable = self
+            .warnings
+            .iter()
+            .filter(|w| w.kind == WarningKind::UnreadableImage)
+            .count();
+        if unreadable > 0 {
+            out.push_str(&format!(
+                "  {unreadable} unreadable image(s) skipped (see the warnings)\n"
+            ));
+        }
         for (name, count) in self.class_names.iter().zip(self.class_counts()) {
             out.push_str(&format!("  {name}: {count}\n"));
         }

@@ -135,7 +135,10 @@ pub fn write_stdout(bytes: &[u8]) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(bytes)
         .and_then(|()| out.flush())
-        .map_err(io_error(Path::new("-")))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => io_error(Path::new("-"))(e),
+            _ => Error::Invalid(format!("cannot write to standard output: {e}")),
+        })
 }
 
 /// Whether `error` (or an error it wraps) is a write to a closed pipe, which a command

@@ -81,11 +81,24 @@ impl Checkpoint {
                 message: "no such file".into(),
             });
         }
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        let (store, raw) = match ext {
-            "safetensors" => open_safetensors(&path)?,
-            "pth" | "pt" | "bin" | "ckpt" => open_pth(&path)?,
-            _ => open_safetensors(&path).or_else(|_| open_pth(&path))?,
+        // The content decides, not the name: a safetensors file renamed `.pth` is common.
+        let (store, raw) = match sniff(&path)? {
+            Some(Kind::Safetensors) => open_safetensors(&path)?,
+            Some(Kind::Zip) => open_pth(&path)?,
+            Some(Kind::LegacyPickle) => {
+                return Err(Error::Checkpoint {
+                    path,
+                    message: "a legacy (pre-1.6, non-zip) torch.save file: re-save it with \
+                              torch.save in PyTorch ≥ 1.6, or convert it to safetensors"
+                        .into(),
+                })
+            }
+            None => {
+                return Err(Error::Checkpoint {
+                    path,
+                    message: "neither safetensors nor a zip-format .pth (by content)".into(),
+                })
+            }
         };
         let metadata = match store {
             Store::Safetensors(_) => read_safetensors_metadata(&path)?,
@@ -157,7 +170,12 @@ impl Checkpoint {
             }
         };
         match (get("min_size")?, get("max_size")?) {
-            (Some(min), Some(max)) if min > 0 && max >= min => Ok(Some((min, max))),
+            (Some(min), Some(max)) if min > 0 && max >= min => {
+                // A downloaded file controls these: bound them before any buffer is sized.
+                let source = format!("{}: metadata", self.inner.path.display());
+                crate::limits::check_input_size(min, max, &source)?;
+                Ok(Some((min, max)))
+            }
             (None, None) => Ok(None),
             (min, max) => Err(self.err(format!(
                 "metadata `min_size` {min:?} and `max_size` {max:?} do not make an input size"
@@ -353,6 +371,33 @@ impl TensorStore for Served {
 
 type RawList = Vec<(String, Vec<usize>)>;
 
+/// A checkpoint file's format by its first bytes.
+enum Kind {
+    /// An 8-byte little-endian header length, then a JSON object.
+    Safetensors,
+    /// A zip archive: PyTorch ≥ 1.6's `torch.save`.
+    Zip,
+    /// A bare pickle (protocol 2+): older `torch.save`.
+    LegacyPickle,
+}
+
+fn sniff(path: &Path) -> Result<Option<Kind>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(9);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(9).read_to_end(&mut head))
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(match head.as_slice() {
+        [b'P', b'K', 3, 4, ..] => Some(Kind::Zip),
+        [0x80, 2..=5, ..] => Some(Kind::LegacyPickle),
+        [_, _, _, _, _, _, _, _, b'{'] => Some(Kind::Safetensors),
+        _ => None,
+    })
+}
+
 fn open_safetensors(path: &Path) -> Result<(Store, RawList)> {
     // SAFETY: the file is mapped read-only; like every mmap reader we assume it is not
     // truncated while in use.
@@ -408,8 +453,16 @@ fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
     let mut f = std::fs::File::open(path).map_err(io)?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(io)?;
-    let len = u64::from_le_bytes(len) as usize;
-    let mut header = vec![0u8; len];
+    let len = u64::from_le_bytes(len);
+    // The length comes from the file: check it against the file before allocating.
+    let size = f.metadata().map_err(io)?.len();
+    if len > size.saturating_sub(8) {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("bad safetensors header: {len} bytes long in a {size}-byte file"),
+        });
+    }
+    let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header).map_err(io)?;
     #[derive(serde::Deserialize)]
     struct Header {

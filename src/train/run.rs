@@ -258,6 +258,12 @@ pub fn load_datasets(
 /// set's.
 pub fn num_classes(requested: Option<usize>, train: &Dataset) -> Result<usize> {
     let n = train.num_classes();
+    if n == 0 && requested.is_none_or(|k| k == 0) {
+        return Err(Error::Invalid(format!(
+            "{}: the training data names no classes",
+            train.source.display()
+        )));
+    }
     match requested {
         Some(k) if k < n => Err(Error::Invalid(format!(
             "--num-classes {k} but the data has {n} classes"
