@@ -239,7 +239,10 @@ fn resume_continues_exactly_and_checkpoints_load_for_inference() {
     // One file holds the optimiser state too, and nothing else is left beside it.
     let bytes = std::fs::read(&ckpt).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    assert!(st.names().iter().any(|n| n.starts_with("optimizer.momentum.")));
+    assert!(st
+        .names()
+        .iter()
+        .any(|n| n.starts_with("optimizer.momentum.")));
     let mut left: Vec<_> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
