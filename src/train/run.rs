@@ -116,7 +116,11 @@ impl RunConfig {
     pub fn check_resumable(&self, out: &Path) -> Result<()> {
         let path = Self::path(out);
         let text = std::fs::read(&path).map_err(|_| {
-            Error::Invalid(format!("--resume: no run to continue in {}", out.display()))
+            Error::Invalid(format!(
+                "--resume: no run to continue in {} (no run.json: stopped before it began? \
+                 start it without --resume)",
+                out.display()
+            ))
         })?;
         let old: RunConfig = serde_json::from_slice(&text).map_err(|e| invalid(&path, e))?;
         if &old != self {
@@ -330,10 +334,17 @@ pub fn open_trainer(
     device: &Device,
 ) -> Result<(Trainer, Option<InitReport>)> {
     let last = out.join("last.safetensors");
-    let (mut trainer, report) = if resume {
+    let (mut trainer, report) = if resume && last.exists() {
         run_config.check_resumable(out)?;
         let trainer = Trainer::resume(&last, &model_config, config, device)?;
         (trainer, None)
+    } else if resume {
+        // Stopped before its first checkpoint: the same settings start it again.
+        run_config.check_resumable(out)?;
+        let (trainer, mut report) = Trainer::new(&model_config, &start, config, device)?;
+        let note = "no checkpoint yet (stopped before the first): the run starts again";
+        report.notes.push(note.into());
+        (trainer, Some(report))
     } else if last.exists() {
         return Err(Error::Invalid(format!(
             "{} holds a run: pass --resume to continue it, or choose another --out",
