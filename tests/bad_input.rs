@@ -211,6 +211,16 @@ fn numbers_out_of_range_are_refused_naming_the_flag_or_file() {
         &run(&mut cmd),
         &["big.safetensors: metadata", "100000", "GiB"],
     );
+    let nan = tmp("nan.safetensors");
+    std::fs::write(&nan, with_metadata(&r18(), &[("bn_eps", "NaN")])).unwrap();
+    let mut cmd = Command::new(bin("detect"));
+    cmd.arg("--weights")
+        .arg(&nan)
+        .args(["--device", "cpu", img]);
+    fails_with(
+        &run(&mut cmd),
+        &["nan.safetensors: metadata `bn_eps`", "NaN"],
+    );
     // A safetensors file named .pth loads by its content.
     let pth = tmp("really-safetensors.pth");
     std::fs::copy(r18(), &pth).unwrap();
