@@ -58,7 +58,7 @@ fn reader_dimensions(bytes: &[u8]) -> image::ImageResult<(u32, u32)> {
 fn check_pixels(w: u32, h: u32) -> std::result::Result<(), String> {
     let pixels = u64::from(w) * u64::from(h);
     if pixels == 0 || pixels > MAX_PIXELS {
-        let mib = pixels * 3 >> 20;
+        let mib = (pixels * 3) >> 20;
         return Err(format!(
             "{w}×{h} pixels ({mib} MiB as RGB): at most {MAX_PIXELS} pixels and none empty"
         ));
