@@ -7,8 +7,9 @@
 //! file systems), synced, then renamed over it; a symbolic link is written through, its
 //! final target replaced that way and the link kept; a character or block device, a FIFO
 //! and `-` (standard output) get the bytes directly, once they were produced in full; a
-//! folder or a socket is refused, never replaced. [`Staged`] does the same for several files
-//! at once, making them current only when all were written.
+//! folder or a socket is refused, never replaced. `/dev/stdout` is standard output, and other
+//! existing paths under `/dev` and `/proc` are written in place. [`Staged`] does the same for
+//! several files at once, making them current only when all were written.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,8 +35,17 @@ const MAX_LINKS: usize = 40;
 impl Destination {
     /// Classifies `path`, following symbolic links; refuses folders, sockets and link loops.
     pub fn of(path: &Path) -> Result<Self> {
-        if path == Path::new("-") {
+        // Through fd 1, not a new open of its target: a regular file there would be written
+        // from offset 0 over the process's other output, a pipe has no path to replace.
+        if ["-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"]
+            .iter()
+            .any(|s| path == Path::new(s))
+        {
             return Ok(Self::Stdout);
+        }
+        // Other descriptors and kernel files are written in place, never replaced.
+        if (path.starts_with("/dev") || path.starts_with("/proc")) && path.exists() {
+            return Ok(Self::Direct(path.to_path_buf()));
         }
         let mut current = path.to_path_buf();
         for _ in 0..MAX_LINKS {
@@ -496,6 +506,14 @@ mod tests {
         assert_eq!(
             Destination::of(Path::new("-")).unwrap(),
             Destination::Stdout
+        );
+        assert_eq!(
+            Destination::of(Path::new("/dev/stdout")).unwrap(),
+            Destination::Stdout
+        );
+        assert_eq!(
+            Destination::of(Path::new("/dev/stderr")).unwrap(),
+            Destination::Direct("/dev/stderr".into())
         );
         let dir = scratch("d");
         std::fs::create_dir(&dir).unwrap();
