@@ -183,11 +183,12 @@ fn run(args: Args) -> Result<()> {
 
     let json = serde_json::to_string_pretty(&results)?;
     if let Some(path) = &args.coco_results {
-        staged.write(path, serde_json::to_string(&coco)?.as_bytes())?;
+        staged.write(path, (serde_json::to_string(&coco)? + "\n").as_bytes())?;
     }
     let json_file = args.json.as_deref().filter(|p| *p != Path::new("-"));
     if let Some(path) = json_file {
-        staged.write(path, json.as_bytes())?;
+        // Text files end with a newline (and `/dev/stdout` keeps the next line apart).
+        staged.write(path, format!("{json}\n").as_bytes())?;
     }
     staged.commit()?;
     let asked_files = args.out.is_some() || json_file.is_some() || args.coco_results.is_some();
