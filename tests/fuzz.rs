@@ -441,10 +441,19 @@ fn small_checkpoint() -> Vec<u8> {
 fn fuzz_safetensors_header_and_metadata() {
     let dir = scratch("safetensors");
     let file = dir.join("model.safetensors");
-    let seeds = vec![small_checkpoint()];
+    let whole = small_checkpoint();
+    let n = u64::from_le_bytes(whole[..8].try_into().unwrap()) as usize;
+    let (header, data) = (whole[8..8 + n].to_vec(), whole[8 + n..].to_vec());
+    // Whole files, and headers alone (`{…`), given a correct length prefix and the data:
+    // mutations of the JSON then reach the metadata and offset checks.
+    let seeds = vec![whole, header];
     fuzz("safetensors", seeds, |input| {
-        let _ = retinanet::train::checkpoint::sort_header(input);
-        std::fs::write(&file, input).unwrap();
+        let bytes = match input.first() {
+            Some(b'{') => [&(input.len() as u64).to_le_bytes()[..], input, &data].concat(),
+            _ => input.to_vec(),
+        };
+        let _ = retinanet::train::checkpoint::sort_header(&bytes);
+        std::fs::write(&file, &bytes).unwrap();
         if let Ok(ckpt) = retinanet::Checkpoint::open(&file) {
             let _ = ckpt.class_names();
             let _ = ckpt.input_size();
