@@ -103,11 +103,13 @@ impl RetinaNet {
             config.bn_eps = eps;
         }
         check_bn_eps(config.bn_eps, opts.bn_eps.is_some(), &ckpt)?;
+        // Checked before the (costly) build.
+        let transform = opts.transform_for(&ckpt)?;
         let mut model = ckpt.build(opts.dtype, device, |vb| Self::new(&config, vb))?;
         if opts.fuse {
             model.fuse_for_inference_with(opts.precision)?;
         }
-        model.transform = opts.transform_for(&ckpt)?;
+        model.transform = transform;
         model.postprocess = opts.postprocess.clone();
         if let Some(names) = class_names(&ckpt, config.num_classes)? {
             model.set_class_names(names)?;
