@@ -498,6 +498,23 @@ mod tests {
     }
 
     #[test]
+    fn the_content_decides_the_format_and_bad_headers_are_errors() {
+        let (_, path) = with_metadata("renamed", &[("bn_eps", "0")]);
+        let pth = path.with_extension("pth");
+        std::fs::copy(&path, &pth).unwrap();
+        assert!(Checkpoint::open(&pth).unwrap().shape("x").is_some());
+        // A header length far beyond the file: an error, nothing allocated.
+        let huge = path.with_file_name("huge.safetensors");
+        std::fs::write(&huge, [&[0xFF; 7][..], &[0x7F], b"{}"].concat()).unwrap();
+        let e = Checkpoint::open(&huge).unwrap_err().to_string();
+        assert!(e.contains("huge.safetensors"), "{e}");
+        let legacy = path.with_file_name("legacy.pth");
+        std::fs::write(&legacy, b"\x80\x02}q\x00.").unwrap();
+        let e = Checkpoint::open(&legacy).unwrap_err().to_string();
+        assert!(e.contains("legacy") && e.contains("torch.save"), "{e}");
+    }
+
+    #[test]
     fn input_size_from_metadata() {
         let (c, _) = with_metadata("sized", &[("min_size", "400"), ("max_size", "400")]);
         assert_eq!(c.input_size().unwrap(), Some((400, 400)));
