@@ -2,7 +2,8 @@
 //! bytes, deletions, insertions, duplications, format tokens, splices, truncations) over
 //! seeds taken from the shared datasets and the fixtures, each input run under
 //! `catch_unwind`. An error is a pass; a panic fails the test, and the input is saved under
-//! `target/fuzz-crashes/` to become a regression test. (An abort, such as a failed huge
+//! `target/fuzz-crashes/`: fixed, it goes to `tests/fuzz_regressions/<target>/`, which every
+//! run replays first. (An abort, such as a failed huge
 //! allocation, kills the process: the run is deterministic, so the same seed and count
 //! reproduce it.)
 //!
@@ -149,8 +150,10 @@ fn mutate(rng: &mut fastrand::Rng, input: &[u8], seeds: &[Vec<u8>]) -> Vec<u8> {
 
 /// Runs `exec` on every seed, then on mutations until the budget is spent; fails on any
 /// panic, saving its input. Returns the executions.
-fn fuzz(target: &str, seeds: Vec<Vec<u8>>, mut exec: impl FnMut(&[u8])) -> usize {
+fn fuzz(target: &str, mut seeds: Vec<Vec<u8>>, mut exec: impl FnMut(&[u8])) -> usize {
     assert!(!seeds.is_empty(), "{target}: no seeds");
+    // Inputs that once crashed run first, every time.
+    seeds.extend(regressions(target));
     let iters: usize = env_or("RETINANET_FUZZ_ITERS", 2000);
     let budget = Duration::from_secs_f64(env_or("RETINANET_FUZZ_SECS", 5.0));
     let seed: u64 = env_or("RETINANET_FUZZ_SEED", 16);
@@ -188,6 +191,18 @@ fn fuzz(target: &str, seeds: Vec<Vec<u8>>, mut exec: impl FnMut(&[u8])) -> usize
         .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
     assert!(crashes.is_empty(), "{target}: panics on {crashes:?}");
     runs
+}
+
+/// `tests/fuzz_regressions/<target>/*`: inputs that crashed a parser once, kept as tests.
+fn regressions(target: &str) -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fuzz_regressions")
+        .join(target);
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    paths.sort();
+    paths.iter().map(read).collect()
 }
 
 fn hash(s: &str) -> u64 {

@@ -204,8 +204,7 @@ impl Checkpoint {
         let (stored, _) = &self.inner.tensors[name];
         let t = match &self.inner.store {
             Store::Safetensors(st) => st.load(stored, device)?,
-            Store::Pth(pth) => pth
-                .get(stored)?
+            Store::Pth(pth) => contain(&self.inner.path, || pth.get(stored))??
                 .ok_or_else(|| self.err(format!("tensor `{stored}` vanished")))?
                 .to_device(device)?,
         };
@@ -371,6 +370,36 @@ impl TensorStore for Served {
 
 type RawList = Vec<(String, Vec<usize>)>;
 
+thread_local! {
+    /// Set while [`contain`] runs on this thread: its panics are errors, not messages.
+    static CONTAINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `read` (Candle's `.pth` reader), turning a panic inside it into an error naming
+/// `path`: the reader indexes into what a malformed pickle says (found by `tests/fuzz.rs`).
+/// The panic message is kept off standard error for this thread only; other panics still
+/// reach the previous hook.
+fn contain<T>(path: &Path, read: impl FnOnce() -> T) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINED.with(|c| c.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = CONTAINED.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
+    CONTAINED.with(|c| c.set(was));
+    result.map_err(|_| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: "malformed .pth: its pickle does not describe tensors as torch.save writes \
+                  them"
+            .into(),
+    })
+}
+
 /// A checkpoint file's format by its first bytes.
 enum Kind {
     /// An 8-byte little-endian header length, then a JSON object.
@@ -421,7 +450,7 @@ fn open_pth(path: &Path) -> Result<(Store, RawList)> {
     // A bare state dict, or one nested under a usual key of training checkpoints.
     let mut last_err = None;
     for key in [None, Some("model"), Some("state_dict")] {
-        match PthTensors::new(path, key) {
+        match contain(path, || PthTensors::new(path, key))? {
             Ok(pth) if !pth.tensor_infos().is_empty() => {
                 let raw = pth
                     .tensor_infos()
