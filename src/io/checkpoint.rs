@@ -447,6 +447,7 @@ fn open_pth(path: &Path) -> Result<(Store, RawList)> {
         path: path.to_path_buf(),
         message,
     };
+    crate::io::pickle::check_pth(path)?;
     // A bare state dict, or one nested under a usual key of training checkpoints.
     let mut last_err = None;
     for key in [None, Some("model"), Some("state_dict")] {

@@ -6,5 +6,6 @@ pub mod atomic;
 pub mod checkpoint;
 pub mod hub;
 pub mod load;
+pub mod pickle;
 pub mod results;
 pub mod zoo;
