@@ -17,8 +17,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Parser;
+use retinanet::device::DeviceChoice;
 use retinanet::train::{LrSchedule, Start, Target, TrainConfig, Trainer};
-use retinanet::{Checkpoint, LoadOptions, RetinaNet, RetinaNetConfig, TransformConfig};
+use retinanet::{Checkpoint, Kernels, LoadOptions, RetinaNet, RetinaNetConfig, TransformConfig};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -49,6 +50,16 @@ struct Args {
     /// Products in bf16 (`detect` and `postprocess` modes; CPUs with AVX512-BF16).
     #[arg(long)]
     bf16: bool,
+    /// Where to run: cpu (default), cuda, metal or auto.
+    #[arg(long, default_value_t = DeviceChoice::Cpu)]
+    device: DeviceChoice,
+    /// Weights' and activations' data type (`detect`, `postprocess`): f32, f16 or bf16 (on
+    /// a GPU; the CPU kernels run f32, see --bf16).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// native (this crate's CPU kernels) or candle (Candle's ops, the GPU path).
+    #[arg(long, default_value_t = Kernels::Native)]
+    kernels: Kernels,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -68,14 +79,18 @@ fn peak_rss_mb() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
-fn time_runs(args: &Args, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+/// Times `f` on `device`, waiting for the device's queued work after each run (GPU ops are
+/// asynchronous).
+fn time_runs(args: &Args, device: &Device, mut f: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
     for _ in 0..args.warmup {
         f()?;
+        device.synchronize()?;
     }
     (0..args.runs)
         .map(|_| {
             let t = Instant::now();
             f()?;
+            device.synchronize()?;
             Ok(t.elapsed().as_secs_f64() * 1e3)
         })
         .collect()
@@ -95,15 +110,16 @@ fn bench_targets(width: f32, height: f32, n: usize) -> Vec<Target> {
         .collect()
 }
 
-fn time_train(args: &Args) -> Result<Vec<f64>> {
+fn time_train(args: &Args, device: &Device) -> Result<Vec<f64>> {
     let weights = args.weights.as_ref().context("--weights is required")?;
     let path = args.image.as_ref().context("--image is required")?;
     let mut config = RetinaNetConfig::infer(&Checkpoint::open(weights)?)?;
     config.bn_eps = 0.0;
     let mut tc = TrainConfig::for_model(&config, LrSchedule::constant(0.01, 1000));
     tc.trainable_backbone_layers = 3;
+    tc.kernels = args.kernels;
     let start = Start::RetinaNet(weights.clone());
-    let (mut trainer, _) = Trainer::new(&config, &start, tc, &Device::Cpu)?;
+    let (mut trainer, _) = Trainer::new(&config, &start, tc, device)?;
     trainer.model_mut().transform = TransformConfig {
         min_size: args.min_size,
         max_size: args.max_size,
@@ -112,7 +128,7 @@ fn time_train(args: &Args) -> Result<Vec<f64>> {
     let image = image::open(path)?.to_rgb8();
     let targets = bench_targets(image.width() as f32, image.height() as f32, args.batch);
     let images = vec![image; args.batch];
-    time_runs(args, || {
+    time_runs(args, device, || {
         trainer.step(&images, &targets)?;
         Ok(())
     })
@@ -121,12 +137,19 @@ fn time_train(args: &Args) -> Result<Vec<f64>> {
 fn main() -> Result<()> {
     retinanet::device::one_candle_pool_thread();
     let args = Args::parse();
+    let device = args.device.open()?;
+    let dtype = match args.dtype.as_str() {
+        "f32" => candle_core::DType::F32,
+        "f16" => candle_core::DType::F16,
+        "bf16" => candle_core::DType::BF16,
+        d => anyhow::bail!("--dtype {d}: expected f32, f16 or bf16"),
+    };
     let times = if args.mode == "train" {
-        time_train(&args)?
+        time_train(&args, &device)?
     } else if args.mode == "matmul" {
-        let a = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu)?;
-        let b = Tensor::randn(0f32, 1.0, (2048, 2048), &Device::Cpu)?;
-        time_runs(&args, || {
+        let a = Tensor::randn(0f32, 1.0, (2048, 2048), &device)?;
+        let b = Tensor::randn(0f32, 1.0, (2048, 2048), &device)?;
+        time_runs(&args, &device, || {
             a.matmul(&b)?;
             Ok(())
         })?
@@ -144,22 +167,24 @@ fn main() -> Result<()> {
             } else {
                 retinanet::Precision::F32
             },
+            dtype,
+            kernels: args.kernels,
             ..Default::default()
         };
-        let model = RetinaNet::load_with(weights, &Device::Cpu, &opts)?;
+        let model = RetinaNet::load_with(weights, &device, &opts)?;
         let image = image::open(path)
             .with_context(|| format!("cannot read {}", path.display()))?
             .to_rgb8();
         let images = vec![image; args.batch];
         match args.mode.as_str() {
-            "detect" => time_runs(&args, || {
+            "detect" => time_runs(&args, &device, || {
                 model.detect_batch(&images)?;
                 Ok(())
             })?,
             "postprocess" => {
                 let batch = model.preprocess(&images)?;
                 let raw = model.forward_raw(&batch)?;
-                time_runs(&args, || {
+                time_runs(&args, &device, || {
                     model.postprocess(&raw, &batch)?;
                     Ok(())
                 })?
@@ -171,6 +196,9 @@ fn main() -> Result<()> {
         "{}",
         serde_json::json!({
             "impl": if args.bf16 { "retinanet-bf16" } else { "retinanet" },
+            "device": retinanet::device::name(&device),
+            "dtype": args.dtype,
+            "kernels": args.kernels.name(),
             "mode": args.mode,
             "batch": args.batch,
             "min_size": args.min_size,

@@ -20,17 +20,20 @@
 #[path = "common/plot.rs"]
 mod plot;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use retinanet::data::{Dataset, Format, Loader, LoaderConfig, TileConfig};
 use retinanet::device::{self, DeviceChoice};
+use retinanet::io::hub::HubOptions;
+use retinanet::io::hub_repo::{self, RepoConfig};
 use retinanet::tiling;
 use retinanet::train::run::{self, Choices, Event, Init, LoopConfig, Metrics, RunConfig};
 use retinanet::train::{BackboneNorm, BoxLoss, LossConfig, LrSchedule, Trainer};
+use retinanet::{Kernels, ModelSource};
 use serde_json::Value;
 
 #[derive(Parser, Debug)]
@@ -51,7 +54,9 @@ struct Args {
     /// Validate on this split of --data instead.
     #[arg(long)]
     val_split: Option<String>,
-    /// Start from a zoo model (a detector or an ImageNet backbone, see `detect --list-models`).
+    /// Start from a zoo model (a detector or an ImageNet backbone, see `detect --list-models`)
+    /// or a Hugging Face Hub repo, `hf:OWNER/NAME[@REVISION]`; from a DeepForest model with
+    /// another class count both heads are new, as DeepForest's `_adjust_classes` makes them.
     #[arg(long, conflicts_with_all = ["weights", "from_scratch"])]
     model: Option<String>,
     /// Start from a RetinaNet checkpoint or an ImageNet ResNet checkpoint.
@@ -114,6 +119,10 @@ struct Args {
     /// Where to train: auto (CUDA, then Metal, then the CPU), cpu, cuda or metal.
     #[arg(long, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
+    /// The layers' implementation on the CPU: native (this crate's kernels) or candle
+    /// (Candle's device-agnostic ops only, the code CUDA and Metal run).
+    #[arg(long, default_value_t = Kernels::Native)]
+    kernels: Kernels,
     /// Output folder.
     #[arg(long)]
     out: PathBuf,
@@ -133,6 +142,11 @@ struct Args {
     /// for shipping; `detect` loads it as it loads the f32 file).
     #[arg(long)]
     f16: bool,
+    /// Also write the final model as a Hugging Face model repo in DeepForest's format
+    /// (model.safetensors + config.json) into this folder, which DeepForest's
+    /// `RetinaNetHub.from_pretrained` and `detect --model` load (ResNet-50 v1 models only).
+    #[arg(long, value_name = "DIR")]
+    save_repo: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -208,7 +222,14 @@ fn run(args: Args) -> Result<()> {
     for name in retinanet::io::atomic::remove_stale_temporaries(&args.out)? {
         eprintln!("removed {name}, a temporary left by an interrupted run");
     }
-    let mut trainer = make_trainer(&args, &loader, num_classes, schedule, &device)?;
+    let hub = hub_start(&args, num_classes)?;
+    let start = hub.as_ref().map(|(path, _)| path.as_path());
+    let mut trainer = make_trainer(&args, &loader, num_classes, schedule, &device, start)?;
+    if let Some(dir) = &args.save_repo {
+        // Before training, not after: only DeepForest's architecture makes a repo it loads.
+        hub_repo::require_deepforest_architecture(trainer.model().config(), dir)
+            .context("--save-repo")?;
+    }
     if let Some(f16) = run::complete(&trainer, &args.out, args.f16)? {
         eprintln!("{}: the run is complete", args.out.display());
         f16.inspect(|path| eprintln!("wrote {}", path.display()));
@@ -267,6 +288,14 @@ fn run(args: Args) -> Result<()> {
     // The file's metadata carries the input size, which detect uses by default.
     let path = final_path.display();
     eprintln!("wrote {path}; detect with: cargo run --release --example detect -- --weights {path}{tile} IMAGE");
+    if let Some(dir) = &args.save_repo {
+        let base = hub.as_ref().and_then(|(_, config)| config.as_ref());
+        hub_repo::export_repo(&final_path, base, dir).context("--save-repo")?;
+        eprintln!(
+            "wrote the repo {} (model.safetensors, config.json)",
+            dir.display()
+        );
+    }
     Ok(())
 }
 
@@ -290,6 +319,31 @@ fn check_numbers(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// For `--model` naming a Hub repo (or a DeepForest zoo model): its files, fetched once, and
+/// the start checkpoint for `num_classes` written into --out (see
+/// `hub_repo::training_start`), with the repo's config.
+fn hub_start(args: &Args, num_classes: usize) -> Result<Option<(PathBuf, Option<RepoConfig>)>> {
+    let Some(spec) = &args.model else {
+        return Ok(None);
+    };
+    let hub = HubOptions::from_env()?;
+    let files = match retinanet::zoo::resolve(spec).context("--model")? {
+        ModelSource::Hub {
+            repo,
+            revision,
+            file,
+        } => hub_repo::fetch_repo(&repo, &revision, file.as_deref(), &hub)?,
+        ModelSource::Zoo(entry) if entry.is_deepforest() => {
+            hub_repo::fetch_repo(entry.name, "main", None, &hub)?
+        }
+        _ => return Ok(None),
+    };
+    let dest = args.out.join("start.safetensors");
+    let config = hub_repo::training_start(&files, num_classes, args.seed, &dest)
+        .with_context(|| format!("--model {spec}"))?;
+    Ok(Some((dest, config)))
+}
+
 /// A dataset's summary and first warnings on standard error.
 fn report_dataset(what: &str, ds: &Dataset) {
     eprint!("{what}: {}", ds.summary());
@@ -307,12 +361,14 @@ fn make_trainer(
     num_classes: usize,
     schedule: LrSchedule,
     device: &Device,
+    hub_start: Option<&Path>,
 ) -> Result<Trainer> {
-    let init = match (&args.weights, &args.model) {
+    let init = match (&args.weights, &args.model, hub_start) {
         _ if args.from_scratch => Init::Scratch { depth: args.depth },
-        (Some(path), _) => Init::Weights(path.clone()),
-        (None, Some(name)) => Init::Zoo(name.clone()),
-        (None, None) => bail!("give --model NAME, --weights FILE or --from-scratch"),
+        (Some(path), _, _) => Init::Weights(path.clone()),
+        (None, Some(_), Some(start)) => Init::Weights(start.to_path_buf()),
+        (None, Some(name), None) => Init::Zoo(name.clone()),
+        (None, None, _) => bail!("give --model NAME, --weights FILE or --from-scratch"),
     };
     let choices = Choices {
         init,
@@ -325,7 +381,8 @@ fn make_trainer(
         clip_grad_norm: args.clip_grad_norm,
         seed: args.seed,
     };
-    let (start, model_config, config) = choices.configs(num_classes, schedule)?;
+    let (start, model_config, mut config) = choices.configs(num_classes, schedule)?;
+    config.kernels = args.kernels;
     let data = (args.data.as_path(), args.train_split.as_deref());
     let run_config = RunConfig::new(
         data,

@@ -9,6 +9,7 @@ the convolution multiply-accumulates of one detect, with forward hooks).
 The weights and architecture are those of a parity fixture (scripts/make_parity_fixtures.py).
 """
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -20,12 +21,26 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from safetensors.torch import load_file
 from torchvision.models.detection._utils import overwrite_eps
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_parity_fixtures as fx  # noqa: E402
+from fixture_common import load_file  # noqa: E402
+
+
+def sync():
+    """Waits for queued GPU work (CUDA runs asynchronously)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def autocast():
+    """`--autocast fp16|bf16`: torch.autocast on the run's device; otherwise nothing."""
+    if ARGS.autocast == "none":
+        return contextlib.nullcontext()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[ARGS.autocast]
+    return torch.autocast(torch.device(ARGS.device).type, dtype=dtype)
 
 
 def load_model(weights, config, min_size, max_size):
@@ -40,11 +55,15 @@ def load_model(weights, config, min_size, max_size):
 
 def timed(fn, warmup, runs):
     for _ in range(warmup):
-        fn()
+        with autocast():
+            fn()
+        sync()
     out = []
     for _ in range(runs):
         t0 = time.perf_counter()
-        fn()
+        with autocast():
+            fn()
+        sync()
         out.append((time.perf_counter() - t0) * 1e3)
     return out
 
@@ -76,7 +95,8 @@ def time_train(model, images):
                           weight_decay=1e-4)
     h, w = images[0].shape[1:]
     box = torch.tensor([[0.1 * w, 0.2 * h, 0.45 * w, 0.9 * h], [0.5 * w, 0.1 * h, 0.95 * w, 0.6 * h]])
-    targets = [{"boxes": box.clone(), "labels": torch.tensor([1, 3])} for _ in images]
+    dev = images[0].device
+    targets = [{"boxes": box.clone().to(dev), "labels": torch.tensor([1, 3], device=dev)} for _ in images]
 
     def step():
         losses = model(images, targets)
@@ -100,20 +120,26 @@ def main():
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--autocast", default="none", choices=["none", "fp16", "bf16"])
     a = p.parse_args()
     global ARGS
     ARGS = a
     torch.set_num_threads(a.threads)
+    if a.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     result = {"impl": f"torchvision {torchvision.__version__}", "mode": a.mode, "batch": a.batch,
-              "min_size": a.min_size}
+              "min_size": a.min_size, "device": a.device, "autocast": a.autocast}
     grad_mode = torch.enable_grad() if a.mode == "train" else torch.inference_mode()
     with grad_mode:
         if a.mode == "matmul":
-            x, y = torch.randn(2048, 2048), torch.randn(2048, 2048)
+            x, y = torch.randn(2048, 2048, device=a.device), torch.randn(2048, 2048, device=a.device)
             times = timed(lambda: x @ y, a.warmup, a.runs)
         else:
-            model = load_model(a.weights, a.config, a.min_size, a.max_size)
+            model = load_model(a.weights, a.config, a.min_size, a.max_size).to(a.device)
             img = torch.from_numpy(np.array(Image.open(a.image).convert("RGB"))).permute(2, 0, 1).float() / 255.0
+            img = img.to(a.device)
             images = [img] * a.batch
             if a.mode == "detect":
                 times = timed(lambda: model(images), a.warmup, a.runs)

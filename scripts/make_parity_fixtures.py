@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import resnet18, resnet34, resnet50
 from torchvision.models.detection import RetinaNet
@@ -32,8 +31,9 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from fixture_common import PHOTOS, device, save_file
+
 ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 
 # name, resnet depth, version, classes, bn eps, (min, max) size, images, extra safetensors metadata
 CONFIGS = [
@@ -179,7 +179,7 @@ def main():
     out_dir.mkdir(parents=True, exist_ok=True)
     # Two threads or more: PyTorch's NCHW bilinear kernel (one thread takes another path).
     torch.set_num_threads(max(2, os.cpu_count() or 2))
-    torch.use_deterministic_algorithms(True)
+    dev = device()
 
     # An odd-sized PNG crop of a JPEG, decoded here once so both sides read the same pixels.
     dog = Image.open(PHOTOS / "darknet_dog.jpg").convert("RGB").crop((31, 57, 31 + 517, 57 + 333))
@@ -216,8 +216,9 @@ def main():
         save_file(st_state, d / "model.safetensors", metadata=cfg["metadata"] or None)
         torch.save(pth_state, d / "model.pth")
 
-        tensors, image_sizes, detections = record(model, images)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, d / "expected.safetensors")
+        # The weights come from the CPU (the same on every machine); the references from `dev`.
+        tensors, image_sizes, detections = record(model.to(dev), [i.to(dev) for i in images])
+        save_file(tensors, d / "expected.safetensors")
         counts = [int(x["boxes"].shape[0]) for x in detections]
         assert all(c >= 100 for c in counts), f"{cfg['name']}: too few detections {counts}"
         meta = {
@@ -235,6 +236,7 @@ def main():
             "pth_old_layout": cfg["pth_old_layout"],
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
+            "device": str(dev),
         }
         (d / "meta.json").write_text(json.dumps(meta, indent=1))
         index.append(cfg["name"])

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import torchvision
-from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.detection import RetinaNet
@@ -37,9 +36,12 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_train_fixtures import F32Transform, load_image, matched_idxs  # noqa: E402
+from fixture_common import PHOTOS, device, save_file  # noqa: E402
+
+# Where torchvision computes the references (main() sets it; see fixture_common).
+DEVICE = torch.device("cpu")
 
 ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 NUM_CLASSES = 3
 MIN_SIZE, MAX_SIZE = 128, 192
 LR, MOMENTUM, WEIGHT_DECAY, STEPS = 0.01, 0.9, 1e-4, 3
@@ -83,7 +85,9 @@ def build():
 def run(model, images, targets, dtype):
     """Three SGD steps of `model` in training mode in `dtype`, then its head outputs in
     evaluation mode."""
-    model = copy.deepcopy(model).to(dtype)
+    model = copy.deepcopy(model).to(DEVICE, dtype)
+    images = [i.to(DEVICE) for i in images]
+    targets = [{k: v.to(DEVICE) for k, v in t.items()} for t in targets]
     if dtype == torch.float64:
         model.transform = F32Transform(model.transform)
 
@@ -143,7 +147,8 @@ def main():
     out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "target" / "fixtures" / "train_scratch")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(2, os.cpu_count() or 2))
-    torch.use_deterministic_algorithms(True)
+    global DEVICE
+    DEVICE = device()
     torch.manual_seed(0)
     model = build()
     images = [load_image(PHOTOS / n) for n, _, _ in IMAGES]
@@ -159,7 +164,7 @@ def main():
     out, losses = run(model, images, targets, torch.float32)
     out64, losses64 = run(model, images, targets, torch.float64)
     out.update({f"f64.{k}": v for k, v in out64.items()})
-    save_file({k: v.contiguous() for k, v in out.items()}, out_dir / "expected.safetensors")
+    save_file(out, out_dir / "expected.safetensors")
     meta = {
         "num_classes": NUM_CLASSES,
         "min_size": MIN_SIZE,

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.detection import RetinaNet
@@ -45,8 +44,13 @@ from torchvision.ops import sigmoid_focal_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fixture_common import PHOTOS, device, save_file  # noqa: E402
+
+# Where torchvision computes the references (main() sets it; see fixture_common).
+DEVICE = torch.device("cpu")
+
 ROOT = Path(__file__).resolve().parent.parent
-PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 NUM_CLASSES = 3
 MIN_SIZE, MAX_SIZE = 160, 256
 LR, MOMENTUM, WEIGHT_DECAY, STEPS = 0.01, 0.9, 1e-4, 3
@@ -142,7 +146,9 @@ class F32Transform(nn.Module):
 def run(model, images, targets, dtype):
     """Losses, gradients and three SGD steps of `model` in `dtype`. In float64 the anchor
     assignment is still computed in float32, so that both runs train the same anchors."""
-    model = copy.deepcopy(model).to(dtype)
+    model = copy.deepcopy(model).to(DEVICE, dtype)
+    images = [i.to(DEVICE) for i in images]
+    targets = [{k: v.to(DEVICE) for k, v in t.items()} for t in targets]
     if dtype == torch.float64:
         model.transform = F32Transform(model.transform)
     captured = {}
@@ -206,7 +212,7 @@ def record_model(cfg, out_dir, calib, images, targets, seed):
     for i in range(len(images)):
         assert torch.equal(out[f"target{i}_boxes"], out64[f"target{i}_boxes"])
     out.update({f"f64.{k}": v for k, v in out64.items() if v.is_floating_point()})
-    save_file({k: v.contiguous() for k, v in out.items()}, d / "expected.safetensors")
+    save_file(out, d / "expected.safetensors")
     m = out["matched_idxs"]
     counts = {
         "foreground": [int((r >= 0).sum()) for r in m],
@@ -275,7 +281,8 @@ def main():
     out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else ROOT / "target" / "fixtures" / "train")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(2, os.cpu_count() or 2))
-    torch.use_deterministic_algorithms(True)
+    global DEVICE
+    DEVICE = device()
     calib = [load_image(PHOTOS / n) for n in CALIBRATION]
     images = [load_image(PHOTOS / n) for n, _, _ in IMAGES]
     targets = [

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Creates (once) the Python environment the reference scripts need and prints its python.
 # The venv is cached outside the clone, keyed by the requirements file, so CI reruns are fast.
+# Usage: venv.sh [REQUIREMENTS]   (default: scripts/requirements.txt; DeepForest's venv:
+# scripts/requirements-deepforest.txt)
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-req="$here/requirements.txt"
+req="${1:-$here/requirements.txt}"
 key="$(sha256sum "$req" | cut -c1-16)"
 root="${RETINANET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/retinanet}"
 venv="$root/venv-$key"

@@ -13,6 +13,9 @@
 //! [`train`] runs the steps (parameter store, SGD, schedule, checkpoints) over [`data`].
 //! [`eval`] scores detections as pycocotools does. [`io`] reads checkpoints, resolves and
 //! downloads models ([`zoo::resolve`]), writes files atomically and draws annotated images;
+//! [`io::hub_repo`] reads and writes Hugging Face model repos as DeepForest does;
+//! [`tiling`] runs large images in windows (DeepForest's `predict_tile` among them) and
+//! [`geo`] reads GeoTIFFs window by window and writes boxes in map coordinates.
 //! [`layers`] holds the building blocks (convolutions, norms, pools) in their inference and
 //! training forms, running on fast CPU kernels kept internal to the crate.
 //!
@@ -37,6 +40,7 @@ pub mod data;
 pub mod device;
 pub mod error;
 pub mod eval;
+pub mod geo;
 pub mod io;
 /// The CPU kernels behind [`layers`]: internal, public only for the crate's benchmarks.
 #[doc(hidden)]
@@ -53,6 +57,7 @@ pub use io::checkpoint::Checkpoint;
 pub use io::load::LoadOptions;
 pub use io::zoo;
 pub use io::zoo::{resolve, ModelSource};
+pub use kernels::Kernels;
 pub use layers::conv::Precision;
 pub use model::postprocess::{Detection, PostProcessConfig};
 pub use model::transform::{ImageBatch, TransformConfig};

@@ -166,6 +166,168 @@ pub fn detect_tiled(
     Ok(merge(all, iou, config.max_detections))
 }
 
+/// Overlap of neighbouring windows: a fraction of the window (DeepForest's `patch_overlap`)
+/// or pixels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Overlap {
+    /// A fraction in `[0, 1)` of the window side, rounded down to pixels.
+    Fraction(f64),
+    /// Pixels.
+    Pixels(u32),
+}
+
+impl Overlap {
+    /// Reads `--overlap`: a number below 1 is a fraction, one from 1 up a whole number of
+    /// pixels.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::Invalid(format!(
+                "overlap {text:?}: expected a fraction in [0, 1) or whole pixels from 1 up"
+            ))
+        };
+        let v: f64 = text.trim().parse().map_err(|_| bad())?;
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(bad());
+        }
+        if v < 1.0 {
+            return Ok(Overlap::Fraction(v));
+        }
+        if v.fract() != 0.0 || v > u32::MAX as f64 {
+            return Err(bad());
+        }
+        Ok(Overlap::Pixels(v as u32))
+    }
+
+    /// Pixels shared by windows of side `window`: `floor(window · fraction)` as
+    /// slidingwindow computes it, or the pixels.
+    pub fn pixels(&self, window: u32) -> u32 {
+        match *self {
+            Overlap::Fraction(f) => (window as f64 * f).floor() as u32,
+            Overlap::Pixels(p) => p,
+        }
+    }
+}
+
+/// DeepForest's tiled prediction (`predict_tile` of deepforest 2.1.0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeepForestTiling {
+    /// Window side (`patch_size`).
+    pub patch_size: u32,
+    /// Window overlap (`patch_overlap`).
+    pub overlap: Overlap,
+    /// IoU above which a box is suppressed by a better one of any class (`iou_threshold`).
+    pub iou_threshold: f64,
+}
+
+impl Default for DeepForestTiling {
+    /// `predict_tile`'s defaults: 400 px windows overlapping by 5 %, merged at IoU 0.15.
+    fn default() -> Self {
+        Self {
+            patch_size: 400,
+            overlap: Overlap::Fraction(0.05),
+            iou_threshold: 0.15,
+        }
+    }
+}
+
+/// Offsets along one axis as slidingwindow's `generateForSize`: `range(0, last + 1, step)`,
+/// plus `last` where the range misses it.
+fn sliding_offsets(len: u32, window: u32, overlap: u32) -> Result<Vec<u32>> {
+    let step = window
+        .checked_sub(overlap)
+        .filter(|&s| s > 0)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "overlap of {overlap} px leaves no step for windows of {window} px"
+            ))
+        })?;
+    let last = len - window;
+    let mut out: Vec<u32> = (0..=last).step_by(step as usize).collect();
+    if out.last() != Some(&last) {
+        out.push(last);
+    }
+    Ok(out)
+}
+
+/// DeepForest's windows over a `width × height` image (`preprocess.compute_windows`, i.e.
+/// slidingwindow): sides `min(patch_size, image side)`, the overlap taken from each side,
+/// column by column (x outer, y inner), as `predict_tile` runs them.
+pub fn deepforest_windows(
+    width: u32,
+    height: u32,
+    patch_size: u32,
+    overlap: Overlap,
+) -> Result<Vec<Region>> {
+    if width == 0 || height == 0 || patch_size == 0 {
+        return Err(Error::Invalid(format!(
+            "cannot tile a {width}×{height} image with {patch_size} px windows"
+        )));
+    }
+    let (ww, wh) = (patch_size.min(width), patch_size.min(height));
+    let xs = sliding_offsets(width, ww, overlap.pixels(ww))?;
+    let ys = sliding_offsets(height, wh, overlap.pixels(wh))?;
+    Ok(xs
+        .iter()
+        .flat_map(|&x| {
+            ys.iter().map(move |&y| Region {
+                x,
+                y,
+                width: ww,
+                height: wh,
+            })
+        })
+        .collect())
+}
+
+/// Where windows of an image come from: the image in memory, or a raster read window by
+/// window ([`crate::geo::GeoTiff`]).
+pub trait WindowSource {
+    /// `(width, height)`.
+    fn dimensions(&self) -> (u32, u32);
+    /// The pixels of `region` (inside the image).
+    fn read_window(&mut self, region: &Region) -> Result<RgbImage>;
+}
+
+impl WindowSource for &RgbImage {
+    fn dimensions(&self) -> (u32, u32) {
+        RgbImage::dimensions(self)
+    }
+
+    fn read_window(&mut self, r: &Region) -> Result<RgbImage> {
+        Ok(image::imageops::crop_imm(*self, r.x, r.y, r.width, r.height).to_image())
+    }
+}
+
+/// Detects as DeepForest's `predict_tile` does: each window (see [`deepforest_windows`])
+/// through the model alone, its boxes shifted into image pixels and truncated to whole
+/// pixels (DeepForest's `astype(int)`), then NMS across all classes at `iou_threshold` (its
+/// `mosiac`). Best first.
+pub fn detect_tiled_deepforest(
+    model: &RetinaNet,
+    source: &mut dyn WindowSource,
+    config: &DeepForestTiling,
+) -> Result<Vec<Detection>> {
+    let (width, height) = source.dimensions();
+    let windows = deepforest_windows(width, height, config.patch_size, config.overlap)?;
+    let mut all = Vec::new();
+    for window in &windows {
+        let crop = source.read_window(window)?;
+        for d in model.detect(&crop)? {
+            let (dx, dy) = (window.x as f64, window.y as f64);
+            let b = d.bbox.map(f64::from);
+            let bbox = [b[0] + dx, b[1] + dy, b[2] + dx, b[3] + dy].map(|v| v.trunc() as f32);
+            all.push(Detection { bbox, ..d });
+        }
+    }
+    if all.len() <= 1 {
+        return Ok(all);
+    }
+    let boxes: Vec<[f32; 4]> = all.iter().map(|d| d.bbox).collect();
+    let scores: Vec<f32> = all.iter().map(|d| d.score).collect();
+    let keep = crate::boxes::nms(&boxes, &scores, config.iou_threshold);
+    Ok(keep.into_iter().map(|i| all[i]).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -252,5 +414,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn overlap_reads_fractions_and_pixels() {
+        assert_eq!(Overlap::parse("0.05").unwrap(), Overlap::Fraction(0.05));
+        assert_eq!(Overlap::parse("0").unwrap(), Overlap::Fraction(0.0));
+        assert_eq!(Overlap::parse("64").unwrap(), Overlap::Pixels(64));
+        for bad in ["-0.1", "1.5", "x", "nan", "inf"] {
+            assert!(Overlap::parse(bad).is_err(), "{bad}");
+        }
+        // slidingwindow: floor(400 · 0.05) = 20, floor(300 · 0.25) = 75.
+        assert_eq!(Overlap::Fraction(0.05).pixels(400), 20);
+        assert_eq!(Overlap::Fraction(0.25).pixels(300), 75);
+    }
+
+    #[test]
+    fn deepforest_windows_go_column_by_column_with_the_last_against_the_edge() {
+        let w = deepforest_windows(1001, 747, 400, Overlap::Fraction(0.05)).unwrap();
+        let xy: Vec<(u32, u32)> = w.iter().map(|r| (r.x, r.y)).collect();
+        assert_eq!(
+            xy,
+            [(0, 0), (0, 347), (380, 0), (380, 347), (601, 0), (601, 347)]
+        );
+        let small = deepforest_windows(300, 1000, 400, Overlap::Fraction(0.1)).unwrap();
+        assert!(small.iter().all(|r| (r.width, r.height) == (300, 400)));
+        assert!(deepforest_windows(100, 100, 50, Overlap::Pixels(50)).is_err());
     }
 }

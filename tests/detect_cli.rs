@@ -745,3 +745,58 @@ fn loading_uses_the_recorded_input_size_unless_set() {
         "torchvision's without metadata"
     );
 }
+
+/// `--kernels candle` (Candle's ops only, the GPU path) finds what the CPU kernels find: the
+/// bundled model on its aerial image, every detection matched (IoU ≥ 0.99, |Δscore| ≤ 1e-3).
+#[test]
+fn candle_kernels_detect_what_the_cpu_kernels_detect() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let image = root.join("assets/images/OSBS_029.png");
+    let run = |kernels: &str| {
+        let json = tmp(&format!("kernels-{kernels}.json"));
+        let status = Command::new(detect_bin())
+            .args(["--weights", root.join(TREE_MODEL).to_str().unwrap()])
+            .args(["--device", "cpu", "--kernels", kernels])
+            .args(["--json", json.to_str().unwrap()])
+            .arg(&image)
+            .status()
+            .unwrap();
+        assert!(status.success(), "--kernels {kernels}");
+        json_file(&json)[0]["detections"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let (native, candle) = (run("native"), run("candle"));
+    assert!(native.len() > 50, "{} detections", native.len());
+    let boxes = |d: &serde_json::Value| numbers(&d["box"]);
+    let iou = |a: &[f64], b: &[f64]| {
+        let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+        let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+        let area = |r: &[f64]| (r[2] - r[0]) * (r[3] - r[1]);
+        iw * ih / (area(a) + area(b) - iw * ih)
+    };
+    let matched = native
+        .iter()
+        .filter(|n| {
+            candle.iter().any(|c| {
+                let ds = (n["score"].as_f64().unwrap() - c["score"].as_f64().unwrap()).abs();
+                ds <= 1e-3 && iou(&boxes(n), &boxes(c)) >= 0.99
+            })
+        })
+        .count();
+    println!(
+        "--kernels candle: {matched}/{} matched, {} found",
+        native.len(),
+        candle.len()
+    );
+    assert_eq!(matched, native.len());
+    assert_eq!(candle.len(), native.len());
+    let bad = Command::new(detect_bin())
+        .args(["--kernels", "cuda"])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"native\""));
+}

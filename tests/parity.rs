@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use retinanet::{Checkpoint, Detection, LoadOptions, RetinaNet, RetinaNetConfig, TransformConfig};
+use retinanet::{
+    Checkpoint, Detection, Kernels, LoadOptions, RetinaNet, RetinaNetConfig, TransformConfig,
+};
 
 const MAX_REL_ERR: f32 = 1e-4;
 
@@ -34,7 +36,11 @@ fn read_meta(dir: &Path) -> Meta {
 /// max |ours − theirs| / max |theirs| over the whole tensor.
 fn rel_err(ours: &Tensor, theirs: &Tensor) -> f32 {
     assert_eq!(ours.dims(), theirs.dims(), "shape differs");
-    let ours = ours.to_dtype(DType::F32).unwrap();
+    let ours = ours
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     let theirs = theirs.to_dtype(DType::F32).unwrap();
     let diff = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
     let scale = theirs.abs().unwrap().max_all().unwrap();
@@ -89,9 +95,18 @@ fn match_detections(ours: &[Detection], theirs: &[Detection]) -> (usize, usize) 
     (matched, used.iter().filter(|u| !**u).count())
 }
 
-/// Loads `file` of the fixture `name`, runs the batch and compares everything.
+/// Loads `file` of the fixture `name`, runs the batch and compares everything, on this
+/// crate's kernels and on Candle's ops alone (the path CUDA and Metal run).
 fn check(name: &str, file: &str, bn_eps: Option<f64>) {
+    check_with(name, file, bn_eps, Kernels::Native);
+    check_with(name, file, bn_eps, Kernels::Candle);
+}
+
+/// [`check`] with one choice of kernels, on [`common::test_device`].
+fn check_with(name: &str, file: &str, bn_eps: Option<f64>, kernels: Kernels) {
+    let device = common::test_device();
     let dir = config_dir(name);
+    let name = &format!("{name} ({kernels} kernels)");
     let meta = read_meta(&dir);
     let expected = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
         .expect("expected.safetensors");
@@ -102,9 +117,10 @@ fn check(name: &str, file: &str, bn_eps: Option<f64>) {
             max_size: meta.max_size,
             ..Default::default()
         },
+        kernels,
         ..Default::default()
     };
-    let model = RetinaNet::load_with(dir.join(file), &Device::Cpu, &opts).expect("model loads");
+    let model = RetinaNet::load_with(dir.join(file), &device, &opts).expect("model loads");
     assert_eq!(model.config().num_classes, meta.num_classes);
     let images: Vec<_> = meta
         .images

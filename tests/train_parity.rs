@@ -15,6 +15,7 @@ use retinanet::train::params::config_for;
 use retinanet::train::{
     BackboneNorm, LossConfig, LrSchedule, Sgd, SgdConfig, Start, Target, TrainConfig, Trainer,
 };
+use retinanet::Kernels;
 
 const TOL: f64 = 1e-4;
 
@@ -33,7 +34,11 @@ fn load(path: &Path) -> HashMap<String, Tensor> {
 
 fn rel_err(ours: &Tensor, theirs: &Tensor) -> f64 {
     assert_eq!(ours.dims(), theirs.dims());
-    let o = ours.to_dtype(DType::F64).unwrap();
+    let o = ours
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap();
     let t = theirs.to_dtype(DType::F64).unwrap();
     let diff = (&o - &t).unwrap().abs().unwrap().max_all().unwrap();
     let scale = t.abs().unwrap().max_all().unwrap();
@@ -77,7 +82,12 @@ fn batch(meta: &serde_json::Value) -> (Vec<image::RgbImage>, Vec<Target>) {
     (images, targets)
 }
 
-fn trainer(meta: &serde_json::Value, m: &serde_json::Value, dtype: DType) -> Trainer {
+fn trainer(
+    meta: &serde_json::Value,
+    m: &serde_json::Value,
+    dtype: DType,
+    kernels: Kernels,
+) -> Trainer {
     let start = Start::RetinaNet(
         dir()
             .join(m["name"].as_str().unwrap())
@@ -98,7 +108,9 @@ fn trainer(meta: &serde_json::Value, m: &serde_json::Value, dtype: DType) -> Tra
         "giou" => LossConfig::v2(),
         other => panic!("unknown box loss {other}"),
     };
-    let (mut t, report) = Trainer::new(&model_config, &start, config, &Device::Cpu).unwrap();
+    config.kernels = kernels;
+    let device = common::test_device();
+    let (mut t, report) = Trainer::new(&model_config, &start, config, &device).unwrap();
     assert_eq!(report.initialised, 0, "{report:?}");
     t.model_mut().transform.min_size = meta["min_size"].as_u64().unwrap() as usize;
     t.model_mut().transform.max_size = meta["max_size"].as_u64().unwrap() as usize;
@@ -199,11 +211,11 @@ fn check_steps(
     later
 }
 
-fn model_parity(index: usize, dtype: DType) {
+fn model_parity(index: usize, dtype: DType, kernels: Kernels) {
     let meta = meta();
     let m = &meta["models"][index];
     let f64_run = dtype == DType::F64;
-    let name = format!("{} {dtype:?}", m["name"].as_str().unwrap());
+    let name = format!("{} {dtype:?} {kernels}", m["name"].as_str().unwrap());
     let all = load(
         &dir()
             .join(m["name"].as_str().unwrap())
@@ -224,7 +236,7 @@ fn model_parity(index: usize, dtype: DType) {
     } else {
         &m["losses"]
     };
-    let mut t = trainer(&meta, m, dtype);
+    let mut t = trainer(&meta, m, dtype, kernels);
     let (images, targets) = batch(&meta);
 
     // The same tensors train as in torchvision with trainable_backbone_layers=3.
@@ -380,22 +392,22 @@ impl RawExt for retinanet::RawOutput {
 
 #[test]
 fn v1_l1_matches_torchvision_f32() {
-    model_parity(0, DType::F32);
+    model_parity(0, DType::F32, Kernels::Native);
 }
 
 #[test]
 fn v2_giou_matches_torchvision_f32() {
-    model_parity(1, DType::F32);
+    model_parity(1, DType::F32, Kernels::Native);
 }
 
 #[test]
 fn v1_l1_matches_torchvision_f64() {
-    model_parity(0, DType::F64);
+    model_parity(0, DType::F64, Kernels::Native);
 }
 
 #[test]
 fn v2_giou_matches_torchvision_f64() {
-    model_parity(1, DType::F64);
+    model_parity(1, DType::F64, Kernels::Native);
 }
 
 #[test]
@@ -482,7 +494,7 @@ fn scratch_dir() -> PathBuf {
 
 /// A trainer over the from-scratch fixture's weights with torchvision's from-scratch recipe:
 /// batch norm in training mode, all five backbone stages trained.
-fn scratch_trainer(meta: &serde_json::Value, dtype: DType) -> Trainer {
+fn scratch_trainer(meta: &serde_json::Value, dtype: DType, kernels: Kernels) -> Trainer {
     let start = Start::RetinaNet(scratch_dir().join("model.safetensors"));
     let k = meta["num_classes"].as_u64().unwrap() as usize;
     let model_config = config_for(&start, k).unwrap();
@@ -498,7 +510,9 @@ fn scratch_trainer(meta: &serde_json::Value, dtype: DType) -> Trainer {
         weight_decay: meta["weight_decay"].as_f64().unwrap(),
         ..SgdConfig::default()
     };
-    let (mut t, report) = Trainer::new(&model_config, &start, config, &Device::Cpu).unwrap();
+    config.kernels = kernels;
+    let device = common::test_device();
+    let (mut t, report) = Trainer::new(&model_config, &start, config, &device).unwrap();
     assert_eq!(report.initialised, 0, "{report:?}");
     t.model_mut().transform.min_size = meta["min_size"].as_u64().unwrap() as usize;
     t.model_mut().transform.max_size = meta["max_size"].as_u64().unwrap() as usize;
@@ -509,11 +523,11 @@ fn scratch_trainer(meta: &serde_json::Value, dtype: DType) -> Trainer {
 /// ResNet-18): batch norm with batch statistics, the stem (max pool included) trained, running
 /// statistics updated each step and saved; the saved model evaluates as torchvision's in
 /// `model.eval()`.
-fn scratch_parity(dtype: DType) {
+fn scratch_parity(dtype: DType, kernels: Kernels) {
     let text = std::fs::read_to_string(scratch_dir().join("meta.json")).unwrap();
     let meta: serde_json::Value = serde_json::from_str(&text).unwrap();
     let f64_run = dtype == DType::F64;
-    let name = format!("scratch r18 {dtype:?}");
+    let name = format!("scratch r18 {dtype:?} {kernels}");
     let all = load(&scratch_dir().join("expected.safetensors"));
     let key = |k: &str| {
         if f64_run {
@@ -529,7 +543,7 @@ fn scratch_parity(dtype: DType) {
     } else {
         &meta["losses"]
     };
-    let mut t = scratch_trainer(&meta, dtype);
+    let mut t = scratch_trainer(&meta, dtype, kernels);
     let (images, targets) = batch(&meta);
 
     // Every parameter trains (batch-norm weights and biases included); running statistics
@@ -635,10 +649,26 @@ fn scratch_parity(dtype: DType) {
 
 #[test]
 fn scratch_batch_norm_matches_torchvision_f32() {
-    scratch_parity(DType::F32);
+    scratch_parity(DType::F32, Kernels::Native);
 }
 
 #[test]
 fn scratch_batch_norm_matches_torchvision_f64() {
-    scratch_parity(DType::F64);
+    scratch_parity(DType::F64, Kernels::Native);
+}
+
+/// Candle's ops alone (the path CUDA and Metal run), at the same bounds.
+#[test]
+fn v1_l1_matches_torchvision_f32_candle_kernels() {
+    model_parity(0, DType::F32, Kernels::Candle);
+}
+
+#[test]
+fn v2_giou_matches_torchvision_f32_candle_kernels() {
+    model_parity(1, DType::F32, Kernels::Candle);
+}
+
+#[test]
+fn scratch_batch_norm_matches_torchvision_f32_candle_kernels() {
+    scratch_parity(DType::F32, Kernels::Candle);
 }

@@ -167,14 +167,13 @@ pub fn is_broken_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Writes `bytes` to `path` as its [`Destination`] says, creating its folder if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |tmp| write_synced(tmp, bytes))
+    write_atomic_with(path, |tmp| write_new(tmp, bytes))
 }
 
-/// Writes and syncs a new file, so that the rename after it never exposes unwritten data.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes a new file ([`Staged::write_with`] syncs it before the rename).
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(path).map_err(io_error(path))?;
-    f.write_all(bytes).map_err(io_error(path))?;
-    f.sync_all().map_err(io_error(path))
+    f.write_all(bytes).map_err(io_error(path))
 }
 
 /// Runs `write` on a temporary path, then makes it the content of `path` as its
@@ -350,12 +349,14 @@ impl Staged {
         let tmp = TempGuard::new(tmp);
         let path = tmp.path().to_path_buf();
         self.files.push(StagedFile { tmp, dest, created });
-        write(&path)
+        write(&path)?;
+        // Whatever `write` did (an encoder, a copy), the data is on disk before the rename.
+        sync(&path)
     }
 
     /// Writes `bytes` as the future `dest`.
     pub fn write(&mut self, dest: &Path, bytes: &[u8]) -> Result<()> {
-        self.write_with(dest, |tmp| write_synced(tmp, bytes))
+        self.write_with(dest, |tmp| write_new(tmp, bytes))
     }
 
     /// Encodes `image` as the future `dest`, in the format its extension names.
@@ -366,8 +367,7 @@ impl Staged {
         };
         let format = image::ImageFormat::from_path(dest).map_err(image_error)?;
         self.write_with(dest, |tmp| {
-            image.save_with_format(tmp, format).map_err(image_error)?;
-            sync(tmp)
+            image.save_with_format(tmp, format).map_err(image_error)
         })
     }
 

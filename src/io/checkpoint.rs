@@ -1,7 +1,8 @@
 //! Reading torchvision checkpoints: `.safetensors` (memory-mapped) and zip-format `.pth`.
 //!
 //! Tensor names are normalised to torchvision's current layout (pre-0.13 head and FPN keys,
-//! a `module.` prefix and `num_batches_tracked` buffers are accepted), and the model is built
+//! a `module.` or DeepForest's legacy `model.` prefix and `num_batches_tracked` buffers are
+//! accepted), and the model is built
 //! through a [`VarBuilder`] backend
 //! that checks every shape and records which tensors were used, so missing, mis-shaped and
 //! unexpected tensors are reported by name.
@@ -49,6 +50,9 @@ impl std::fmt::Debug for Checkpoint {
 /// model does not use.
 pub fn canonical_name(name: &str) -> Option<String> {
     let name = name.strip_prefix("module.").unwrap_or(name);
+    // DeepForest's older Hub revisions (and its Lightning checkpoints) nest the model under
+    // `model.`; its `_strip_legacy_prefix` drops it the same way.
+    let name = name.strip_prefix("model.").unwrap_or(name);
     // Training checkpoints carry the optimiser's state beside the model.
     if name.ends_with("num_batches_tracked")
         || name.starts_with(crate::train::checkpoint::OPTIMIZER_PREFIX)

@@ -434,6 +434,21 @@ pub fn fetch_hf(
     )
 }
 
+/// Records in the Hub cache that `revision` (a branch or tag) of `repo` is `commit`, as
+/// `huggingface_hub` does in `refs/`.
+pub fn record_ref(opts: &HubOptions, repo: &str, revision: &str, commit: &str) -> Result<()> {
+    let folder = hf_repo(repo, revision).folder_name();
+    let url = hf_url(opts, repo, revision, "");
+    safe_component(&url, "commit", commit)?;
+    if revision.split('/').any(|c| c.is_empty() || c == "..") {
+        return Err(Error::Invalid(format!(
+            "bad revision {revision:?} of {repo}"
+        )));
+    }
+    let path = opts.hf_cache.join(folder).join("refs").join(revision);
+    write_atomic(&path, commit.as_bytes())
+}
+
 /// Moves a verified blob into the Hub cache layout; returns the snapshot path.
 fn install_hf(
     cache: &Path,
@@ -459,8 +474,10 @@ fn install_hf(
     if !pointer.exists() {
         link_blob(&dest_blob, &pointer, file)?;
     }
-    let ref_path = root.join("refs").join(revision);
-    write_atomic(&ref_path, commit.as_bytes())?;
+    // As huggingface_hub: refs name branches and tags, never commits.
+    if revision != commit {
+        write_atomic(&root.join("refs").join(revision), commit.as_bytes())?;
+    }
     Ok(pointer)
 }
 

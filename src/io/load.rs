@@ -7,8 +7,9 @@ use candle_core::{DType, Device};
 
 use crate::io::checkpoint::Checkpoint;
 use crate::io::hub::{self, HubOptions};
+use crate::io::hub_repo::{self, RepoConfig};
 use crate::io::zoo::ModelSource;
-use crate::kernels::Precision;
+use crate::kernels::{Kernels, Precision};
 use crate::model::postprocess::PostProcessConfig;
 use crate::model::transform::TransformConfig;
 use crate::{Error, Result, RetinaNet, RetinaNetConfig};
@@ -39,6 +40,9 @@ pub struct LoadOptions {
     /// Precision of the fused CPU kernels' products in the FPN and heads: f32, or bf16 on
     /// CPUs with AVX512-BF16 (see [`Precision`] and [`RetinaNet::fuse_for_inference_with`]).
     pub precision: Precision,
+    /// The layers' implementation: this crate's CPU kernels, or Candle's ops only (the path
+    /// CUDA and Metal run, testable on the CPU). See [`Kernels`].
+    pub kernels: Kernels,
 }
 
 impl Default for LoadOptions {
@@ -53,6 +57,7 @@ impl Default for LoadOptions {
             postprocess: PostProcessConfig::default(),
             fuse: true,
             precision: Precision::F32,
+            kernels: Kernels::Native,
         }
     }
 }
@@ -106,6 +111,7 @@ impl RetinaNet {
         // Checked before the (costly) build.
         let transform = opts.transform_for(&ckpt)?;
         let mut model = ckpt.build(opts.dtype, device, |vb| Self::new(&config, vb))?;
+        model.set_kernels(opts.kernels)?;
         if opts.fuse {
             model.fuse_for_inference_with(opts.precision)?;
         }
@@ -146,32 +152,47 @@ impl ModelSource {
             ModelSource::Hub {
                 repo,
                 revision,
-                file,
+                file: Some(file),
             } => format!("hf:{repo}/{file}@{revision}"),
+            ModelSource::Hub { repo, revision, .. } => format!("hf:{repo}@{revision}"),
             ModelSource::Zoo(entry) => entry.name.to_string(),
         }
     }
 
     /// Loads the model, downloading it first (once, verified, into the cache; hub settings
     /// from the environment) where it is not a file. A failed download or load of a remote
-    /// model says how to do without the network.
+    /// model says how to do without the network. A Hub repo with a `config.json` is read as
+    /// DeepForest writes it (see [`crate::io::hub_repo`]).
     pub fn load(&self, device: &Device, opts: &LoadOptions) -> Result<RetinaNet> {
+        self.load_with_config(device, opts).map(|(model, _)| model)
+    }
+
+    /// [`ModelSource::load`], also returning the Hub repo's `config.json` where the model
+    /// came from a repo with one (DeepForest's models).
+    pub fn load_with_config(
+        &self,
+        device: &Device,
+        opts: &LoadOptions,
+    ) -> Result<(RetinaNet, Option<RepoConfig>)> {
         let (result, url) = match self {
-            ModelSource::File(path) => return RetinaNet::load_with(path, device, opts),
+            ModelSource::File(path) => {
+                return RetinaNet::load_with(path, device, opts).map(|m| (m, None))
+            }
             ModelSource::Hub {
                 repo,
                 revision,
                 file,
             } => {
                 let hub = HubOptions::from_env()?;
-                let url = hub::hf_url(&hub, repo, revision, file);
-                let loaded = hub::fetch_hf(repo, revision, file, None, &hub)
-                    .and_then(|path| RetinaNet::load_with(path, device, opts));
+                let weights = file.as_deref().unwrap_or(hub_repo::WEIGHTS_FILE);
+                let url = hub::hf_url(&hub, repo, revision, weights);
+                let loaded = hub_repo::fetch_repo(repo, revision, file.as_deref(), &hub)
+                    .and_then(|files| hub_repo::load_files_with_config(&files, device, opts));
                 (loaded, url)
             }
             ModelSource::Zoo(entry) => {
                 let hub = HubOptions::from_env()?;
-                (entry.load(device, opts, &hub), entry.url(&hub))
+                (entry.load_with_config(device, opts, &hub), entry.url(&hub))
             }
         };
         result.map_err(|e| {

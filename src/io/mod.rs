@@ -5,6 +5,7 @@ pub mod annotate;
 pub mod atomic;
 pub mod checkpoint;
 pub mod hub;
+pub mod hub_repo;
 pub mod load;
 pub mod pickle;
 pub mod results;

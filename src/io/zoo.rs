@@ -68,6 +68,8 @@ pub enum Classes {
     Coco91,
     /// The 1000 ImageNet-1k classes of a classifier; a detector built on it replaces them.
     ImageNet1k,
+    /// Named classes by label (a DeepForest model's `label_dict`).
+    Named(&'static [&'static str]),
 }
 
 impl Classes {
@@ -76,6 +78,7 @@ impl Classes {
         match self {
             Classes::Coco91 => crate::classes::COCO_91.len(),
             Classes::ImageNet1k => 1000,
+            Classes::Named(names) => names.len(),
         }
     }
 
@@ -89,6 +92,7 @@ impl Classes {
         match self {
             Classes::Coco91 => Some(&crate::classes::COCO_91),
             Classes::ImageNet1k => None,
+            Classes::Named(names) => Some(names),
         }
     }
 }
@@ -98,8 +102,18 @@ impl Classes {
 pub struct Accuracy {
     /// What was measured, e.g. `COCO val2017 box AP`.
     pub metric: &'static str,
-    /// The published value (percent).
-    pub value: f64,
+    /// The published value (percent); `None` where the publisher gives no figure.
+    pub value: Option<f64>,
+}
+
+impl Accuracy {
+    /// `metric value`, or the metric alone.
+    pub fn describe(&self) -> String {
+        match self.value {
+            Some(v) => format!("{} {v}", self.metric),
+            None => self.metric.to_string(),
+        }
+    }
 }
 
 /// One zoo model.
@@ -116,8 +130,14 @@ pub struct ZooEntry {
     /// Where the file comes from.
     pub source: Source,
     /// Expected sha256 of the file, hex: in full, or the prefix the publisher put in the
-    /// file name (torchvision: 8 digits).
+    /// file name (torchvision: 8 digits); empty for Hub repos, whose LFS files are checked
+    /// against the hash the Hub reports.
     pub sha256: &'static str,
+    /// What the model was trained on.
+    pub trained_on: &'static str,
+    /// The window size the publisher tiles large images with (DeepForest's `patch_size`):
+    /// `detect --tile` uses it when no size is given.
+    pub window: Option<u32>,
 }
 
 const fn torchvision(
@@ -133,9 +153,18 @@ const fn torchvision(
         name,
         architecture,
         classes,
-        accuracy: Accuracy { metric, value },
+        accuracy: Accuracy {
+            metric,
+            value: Some(value),
+        },
         source: Source::Torchvision { file },
         sha256,
+        trained_on: if matches!(classes, Classes::Coco91) {
+            "COCO train2017"
+        } else {
+            "ImageNet-1k"
+        },
+        window: None,
     }
 }
 
@@ -239,13 +268,83 @@ pub const ZOO: &[ZooEntry] = &[
     ),
 ];
 
+const fn deepforest(
+    name: &'static str,
+    classes: &'static [&'static str],
+    trained_on: &'static str,
+    accuracy: Accuracy,
+) -> ZooEntry {
+    ZooEntry {
+        name,
+        architecture: Architecture::RetinaNetV1 { depth: 50 },
+        classes: Classes::Named(classes),
+        accuracy,
+        source: Source::HuggingFace {
+            repo: name,
+            revision: "main",
+            file: crate::io::hub_repo::WEIGHTS_FILE,
+        },
+        sha256: "",
+        trained_on,
+        window: Some(400),
+    }
+}
+
+/// DeepForest's published RetinaNet box detectors (weecology on the Hugging Face Hub; repo
+/// names, classes and figures from DeepForest's documentation, `docs/user_guide/02_prebuilt.md`
+/// and the model loader tutorial). Each is a [`crate::io::hub_repo`] repo: `config.json` gives
+/// the class names and thresholds; DeepForest tiles large images in 400 px windows.
+pub const DEEPFOREST: &[ZooEntry] = &[
+    deepforest(
+        "weecology/deepforest-tree",
+        &["Tree"],
+        "NEON airborne RGB (0.1 m), LiDAR-generated crowns then hand annotations (Weinstein et al. 2019, 2020)",
+        Accuracy {
+            metric: "none in DeepForest's docs",
+            value: None,
+        },
+    ),
+    deepforest(
+        "weecology/deepforest-bird",
+        &["Bird"],
+        "over 250,000 bird annotations from 13 aerial projects (Weinstein et al. 2022)",
+        Accuracy {
+            metric: "recall on unseen aerial data, precision 50 %:",
+            value: Some(65.0),
+        },
+    ),
+    deepforest(
+        "weecology/deepforest-livestock",
+        &["cattle"],
+        "drone imagery of cattle, sheep and other large mammals in agricultural settings",
+        Accuracy {
+            metric: "none published",
+            value: None,
+        },
+    ),
+    deepforest(
+        "weecology/everglades-nest-detection",
+        &["Nest"],
+        "Everglades wading-bird colonies, drone imagery",
+        Accuracy {
+            metric: "none published",
+            value: None,
+        },
+    ),
+];
+
+/// Every model the zoo knows: torchvision's and DeepForest's.
+pub fn all() -> impl Iterator<Item = &'static ZooEntry> {
+    ZOO.iter().chain(DEEPFOREST)
+}
+
 /// The default detector of the command-line tools.
 pub const DEFAULT_MODEL: &str = "retinanet_resnet50_fpn_coco";
 
 /// The zoo entry called `name`, or an error listing the known names.
 pub fn find(name: &str) -> Result<&'static ZooEntry> {
-    ZOO.iter().find(|e| e.name == name).ok_or_else(|| {
-        let names: Vec<&str> = ZOO.iter().map(|e| e.name).collect();
+    all().find(|e| e.name == name).ok_or_else(|| {
+        let names: Vec<&str> = all().map(|e| e.name).collect();
         Error::Invalid(format!(
             "unknown model {name:?}; the zoo has: {}",
             names.join(", ")
@@ -253,18 +352,33 @@ pub fn find(name: &str) -> Result<&'static ZooEntry> {
     })
 }
 
-/// The zoo as a text table: name, architecture, accuracy and download URL (under `hub`,
-/// else the source).
+/// The zoo as a text table: name, architecture, classes, accuracy and download URL (under
+/// `hub`, else the source); DeepForest's models add what they were trained on and their
+/// window size.
 pub fn table(hub: Option<&HubOptions>) -> String {
     let mut text = format!(
-        "{:<32} {:<40} {:<28} source\n",
-        "name", "architecture", "accuracy"
+        "{:<36} {:<34} {:<14} {:<28} source\n",
+        "name", "architecture", "classes", "accuracy"
     );
-    for e in ZOO {
+    for e in all() {
         let url = hub.map_or_else(|| format!("{:?}", e.source), |h| e.url(h));
-        let accuracy = format!("{} {}", e.accuracy.metric, e.accuracy.value);
         let arch = e.architecture.describe();
-        text += &format!("{:<32} {arch:<40} {accuracy:<28} {url}\n", e.name);
+        let classes = match e.classes {
+            Classes::Named(names) => names.join(", "),
+            Classes::Coco91 => "COCO (91)".into(),
+            Classes::ImageNet1k => "ImageNet-1k".into(),
+        };
+        let accuracy = e.accuracy.describe();
+        text += &format!(
+            "{:<36} {arch:<34} {classes:<14} {accuracy:<28} {url}\n",
+            e.name
+        );
+        if let Some(w) = e.window {
+            text += &format!(
+                "{:<36} trained on {}; windows of {w} px\n",
+                "", e.trained_on
+            );
+        }
     }
     text
 }
@@ -274,20 +388,21 @@ pub fn table(hub: Option<&HubOptions>) -> String {
 pub enum ModelSource {
     /// A checkpoint file: `.safetensors` or torchvision `.pth`.
     File(PathBuf),
-    /// A file on the Hugging Face Hub.
+    /// A model repo, or a file in one, on the Hugging Face Hub.
     Hub {
         /// `OWNER/NAME`.
         repo: String,
         /// Branch, tag or commit (`main` unless given).
         revision: String,
-        /// Path of the file in the repository.
-        file: String,
+        /// Path of the weights file in the repository; `None`: found as
+        /// [`crate::io::hub_repo::fetch_repo`] says.
+        file: Option<String>,
     },
     /// A zoo model, downloaded and verified once.
     Zoo(&'static ZooEntry),
 }
 
-/// Reads a model argument: `hf:OWNER/NAME/FILE[@REVISION]`, a checkpoint path (an existing
+/// Reads a model argument: `hf:OWNER/NAME[/FILE][@REVISION]`, a checkpoint path (an existing
 /// file, or a name ending in `.safetensors` or `.pth`), else a zoo name.
 pub fn resolve(spec: &str) -> Result<ModelSource> {
     if spec.starts_with("hf:") {
@@ -304,21 +419,25 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
     find(spec).map(ModelSource::Zoo)
 }
 
-/// `hf:OWNER/NAME/FILE[@REVISION]` → [`ModelSource::Hub`].
+/// `hf:OWNER/NAME[/FILE][@REVISION]` → [`ModelSource::Hub`].
 fn parse_hf(spec: &str) -> Result<ModelSource> {
     let rest = spec.trim_start_matches("hf:");
     let (rest, revision) = rest.rsplit_once('@').unwrap_or((rest, "main"));
     let mut parts = rest.splitn(3, '/');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(owner), Some(name), Some(file)) if ![owner, name, file, revision].contains(&"") => {
+    let (owner, name, file) = (parts.next(), parts.next(), parts.next());
+    match (owner, name) {
+        (Some(owner), Some(name))
+            if ![owner, name, revision, file.unwrap_or("-")].contains(&"") =>
+        {
             Ok(ModelSource::Hub {
                 repo: format!("{owner}/{name}"),
                 revision: revision.to_string(),
-                file: file.to_string(),
+                file: file.map(str::to_string),
             })
         }
         _ => Err(Error::Invalid(format!(
-            "{spec}: expected hf:OWNER/NAME/FILE[@REVISION]"
+            "{spec}: expected hf:OWNER/NAME (a model repo) or hf:OWNER/NAME/FILE, each \
+             optionally @REVISION"
         ))),
     }
 }
@@ -336,12 +455,29 @@ impl ZooEntry {
 
     /// The verified local file, downloaded once into the cache.
     pub fn fetch(&self, opts: &HubOptions) -> Result<PathBuf> {
-        hub::fetch(&self.source, Some(self.sha256), opts)
+        let sha256 = Some(self.sha256).filter(|s| !s.is_empty());
+        hub::fetch(&self.source, sha256, opts)
+    }
+
+    /// Whether this is a DeepForest model (a Hub repo with `config.json`).
+    pub fn is_deepforest(&self) -> bool {
+        DEEPFOREST.iter().any(|e| e.name == self.name)
     }
 
     /// Downloads (once) and loads the detector, with its architecture and batch-norm eps
     /// unless `opts` sets them.
     pub fn load(&self, device: &Device, opts: &LoadOptions, hub: &HubOptions) -> Result<RetinaNet> {
+        self.load_with_config(device, opts, hub)
+            .map(|(model, _)| model)
+    }
+
+    /// [`ZooEntry::load`], also returning a DeepForest model's `config.json`.
+    pub fn load_with_config(
+        &self,
+        device: &Device,
+        opts: &LoadOptions,
+        hub: &HubOptions,
+    ) -> Result<(RetinaNet, Option<crate::io::hub_repo::RepoConfig>)> {
         let config = self
             .architecture
             .retinanet_config(self.classes.len())
@@ -351,12 +487,17 @@ impl ZooEntry {
                     self.name
                 ))
             })??;
+        if let Source::HuggingFace { repo, revision, .. } = self.source {
+            // The repo's own weights and config.json say the class count, not the listing.
+            let files = crate::io::hub_repo::fetch_repo(repo, revision, None, hub)?;
+            return crate::io::hub_repo::load_files_with_config(&files, device, opts);
+        }
         let path = self.fetch(hub)?;
         let opts = LoadOptions {
             config: opts.config.clone().or(Some(config)),
             ..opts.clone()
         };
-        RetinaNet::load_with(path, device, &opts)
+        RetinaNet::load_with(path, device, &opts).map(|m| (m, None))
     }
 }
 
@@ -366,10 +507,18 @@ mod tests {
 
     #[test]
     fn names_are_unique_and_found() {
-        for (i, e) in ZOO.iter().enumerate() {
-            assert_eq!(find(e.name).unwrap(), e);
-            assert!(ZOO[..i].iter().all(|o| o.name != e.name), "{}", e.name);
+        let zoo: Vec<_> = all().collect();
+        for (i, e) in zoo.iter().enumerate() {
+            assert_eq!(find(e.name).unwrap(), *e);
+            assert!(zoo[..i].iter().all(|o| o.name != e.name), "{}", e.name);
         }
+        let tree = find("weecology/deepforest-tree").unwrap();
+        assert!(tree.is_deepforest() && tree.is_detector());
+        assert_eq!(
+            (tree.classes.names().unwrap(), tree.window),
+            (&["Tree"][..], Some(400))
+        );
+        assert!(table(None).contains("weecology/everglades-nest-detection"));
         let err = find("retinanet_nope").unwrap_err().to_string();
         assert!(
             err.contains("retinanet_nope") && err.contains(DEFAULT_MODEL),
@@ -389,15 +538,31 @@ mod tests {
             ModelSource::Hub {
                 repo: "me/trees".into(),
                 revision: "v1".into(),
-                file: "model.safetensors".into(),
+                file: Some("model.safetensors".into()),
+            }
+        );
+        assert_eq!(
+            resolve("hf:weecology/deepforest-tree").unwrap(),
+            ModelSource::Hub {
+                repo: "weecology/deepforest-tree".into(),
+                revision: "main".into(),
+                file: None,
             }
         );
         let ModelSource::Hub { revision, file, .. } = resolve("hf:me/trees/a/b.pth").unwrap()
         else {
             panic!("not a Hub file");
         };
-        assert_eq!((revision.as_str(), file.as_str()), ("main", "a/b.pth"));
-        for bad in ["hf:only-owner", "hf:me/trees/", "hf:me/trees/f@"] {
+        assert_eq!(
+            (revision.as_str(), file.as_deref()),
+            ("main", Some("a/b.pth"))
+        );
+        for bad in [
+            "hf:only-owner",
+            "hf:me/trees/",
+            "hf:me/trees/f@",
+            "hf:me/@v1",
+        ] {
             let err = resolve(bad).unwrap_err().to_string();
             assert!(err.contains("hf:OWNER/NAME/FILE"), "{err}");
         }
@@ -410,7 +575,7 @@ mod tests {
 
     #[test]
     fn torchvision_checksums_are_the_prefix_in_the_file_name() {
-        for e in ZOO {
+        for e in all() {
             let Source::Torchvision { file } = e.source else {
                 continue;
             };

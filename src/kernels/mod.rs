@@ -25,6 +25,7 @@ mod epilogue;
 mod host;
 mod im2col;
 mod matmul;
+mod select;
 mod winograd;
 
 pub(crate) use backward::{
@@ -34,6 +35,8 @@ pub(crate) use batch_norm::BatchNormOp;
 pub use direct::{Algorithm, FusedConv2d, Precision};
 pub(crate) use host::{f32_slice, host, host_f32, slice, with_host};
 pub(crate) use im2col::Geometry;
+pub(crate) use select::native;
+pub use select::{current, scoped, Kernels};
 
 /// `max |t|` of an f32 tensor, for tests.
 #[cfg(test)]

@@ -56,7 +56,11 @@ impl Conv {
         };
         let cfg = c.config();
         let w = c.weight();
-        if cfg.dilation != 1 || cfg.groups != 1 || !w.device().is_cpu() || w.dtype() != DType::F32 {
+        if cfg.dilation != 1
+            || cfg.groups != 1
+            || !crate::kernels::native(w.device())
+            || w.dtype() != DType::F32
+        {
             return Ok(());
         }
         let cout = c.weight().dim(0)?;

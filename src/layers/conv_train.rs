@@ -74,7 +74,7 @@ pub fn conv2d_train_fused(
         return conv2d_train_fused(x, w, stride, padding, TrainBias::None, Some(&r), relu);
     }
     match TrainConv2d::new(w, bias, stride, padding)? {
-        Some(conv) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+        Some(conv) if crate::kernels::native(x.device()) && x.dtype() == DType::F32 => {
             conv.forward(x, residual, relu)
         }
         _ => candle_conv(x, w, (stride, padding), bias, residual, relu),
@@ -133,7 +133,7 @@ impl TrainConv2d {
         algorithm: Algorithm,
     ) -> Result<Option<Arc<Self>>> {
         let (cout, cin, k, k2) = weight.dims4()?;
-        let fits = weight.device().is_cpu() && weight.dtype() == DType::F32;
+        let fits = crate::kernels::native(weight.device()) && weight.dtype() == DType::F32;
         if !fits || k != k2 || padding >= k || stride == 0 {
             return Ok(None);
         }
@@ -262,11 +262,11 @@ fn constant(bias: TrainBias, cout: usize) -> Result<Vec<f32>> {
     }
 }
 
-/// Candle's ops, made safe to differentiate: Candle 0.11's conv2d backward takes the output
-/// padding of its transposed convolution from the height alone, so a strided convolution
-/// whose height and width leave different remainders (P6/P7 on, say, a 25 × 34 P5) fails in
-/// backward. A tracked weight then runs at stride 1 and keeps every `stride`-th row and
-/// column: the same values, with a backward that works.
+/// Candle's ops: the convolution as one matrix product over the unfolded input
+/// ([`conv2d_unfolded`]), whose backward is matrix products too. Also where nothing needs a
+/// gradient (a frozen stem): with Candle's own conv2d there, the float32 weight gradient of
+/// the first trained convolution, a sum with heavy cancellation, moved 2.4e-2 from float64
+/// in the v1 train parity (bound 1e-2); through the products, 6.3e-3, as this crate's kernels.
 fn candle_conv(
     x: &Tensor,
     w: &Tensor,
@@ -275,8 +275,7 @@ fn candle_conv(
     residual: Option<&Tensor>,
     relu: bool,
 ) -> Result<Tensor> {
-    let (_, _, h, wd) = x.dims4()?;
-    let (cout, _, k, _) = w.dims4()?;
+    let cout = w.dim(0)?;
     let (w, bias) = match bias {
         TrainBias::FrozenNorm { scale, shift } => (
             w.broadcast_mul(&scale.reshape((cout, 1, 1, 1))?)?,
@@ -284,24 +283,71 @@ fn candle_conv(
         ),
         _ => (w.clone(), bias),
     };
-    let span = |i: usize| (i + 2 * padding).checked_sub(k);
-    let y = match (span(h), span(wd)) {
-        (Some(sh), Some(sw)) if stride > 1 && w.track_op() && sh % stride != sw % stride => {
-            let dense = x.conv2d(&w, padding, 1, 1, 1)?;
-            let pick = |n: usize| Tensor::arange_step(0u32, n as u32, stride as u32, x.device());
-            dense
-                .index_select(&pick(sh + 1)?, 2)?
-                .index_select(&pick(sw + 1)?, 3)?
-        }
-        _ => x.conv2d(&w, padding, stride, 1, 1)?,
-    };
-    let y = match bias {
-        TrainBias::None => y,
+    let b = match bias {
+        TrainBias::None => None,
         TrainBias::Constant(b) | TrainBias::Learned(b) | TrainBias::FrozenNorm { shift: b, .. } => {
-            y.broadcast_add(&b.reshape((1, (), 1, 1))?)?
+            Some(b)
         }
+    };
+    let y = conv2d_unfolded(x, &w, stride, padding)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?)?,
+        None => y,
     };
     add_relu(y, residual, relu)
+}
+
+/// `x (n, cin, h, w) ⋆ w (cout, cin, k, k)` from Candle's differentiable ops on any device:
+/// the k² strided taps of the zero-padded input stacked into columns `(n, cin·k², ho·wo)`,
+/// times the kernel as a `(cout, cin·k²)` matrix. Candle's own conv2d backward goes through
+/// conv_transpose2d, a direct loop (on the CPU and on CUDA) that is ~4.5× the forward's cost
+/// and sums long float32 series in order: deep gradients came out 2e-2 from float64, where
+/// torchvision's are within 3e-3. It also fails on strided convolutions whose height and
+/// width leave different remainders (P6/P7 of a 25 × 34 P5). Here the backward is matrix
+/// products (blocked sums; cuBLAS on CUDA) and slicing.
+pub(crate) fn conv2d_unfolded(x: &Tensor, w: &Tensor, s: usize, p: usize) -> Result<Tensor> {
+    let (n, cin, h, wd) = x.dims4()?;
+    let (cout, wcin, k, k2) = w.dims4()?;
+    if wcin != cin || k != k2 || s == 0 || h + 2 * p < k || wd + 2 * p < k {
+        candle_core::bail!(
+            "conv2d: input {:?}, kernel {:?}, stride {s}, padding {p}",
+            x.dims(),
+            w.dims()
+        );
+    }
+    let (ho, wo) = ((h + 2 * p - k) / s + 1, (wd + 2 * p - k) / s + 1);
+    // Tap `d` of output `i` reads padded row `d + s·i`: at least k − 1 + s·ho rows.
+    let (hp, wp) = (
+        (k - 1 + s * ho).max(h + 2 * p),
+        (k - 1 + s * wo).max(wd + 2 * p),
+    );
+    let xp = x
+        .pad_with_zeros(2, p, hp - h - p)?
+        .pad_with_zeros(3, p, wp - wd - p)?;
+    let mut taps = Vec::with_capacity(k * k);
+    for dy in 0..k {
+        let rows = every(&xp.narrow(2, dy, s * ho)?, 2, s)?;
+        for dx in 0..k {
+            taps.push(every(&rows.narrow(3, dx, s * wo)?, 3, s)?);
+        }
+    }
+    let cols = Tensor::stack(&taps, 2)?.reshape((n, cin * k * k, ho * wo))?;
+    let kernel = w.reshape((cout, cin * k * k))?.broadcast_left(n)?;
+    kernel.matmul(&cols)?.reshape((n, cout, ho, wo))
+}
+
+/// Every `s`-th element along `dim` of a tensor whose size there is a multiple of `s`.
+fn every(t: &Tensor, dim: usize, s: usize) -> Result<Tensor> {
+    if s == 1 {
+        return Ok(t.clone());
+    }
+    let mut dims = t.dims().to_vec();
+    let len = dims[dim] / s;
+    dims[dim] = len;
+    dims.insert(dim + 1, s);
+    let mut picked = dims.clone();
+    picked.remove(dim + 1);
+    t.reshape(dims)?.narrow(dim + 1, 0, 1)?.reshape(picked)
 }
 
 /// What the op's third argument is.
@@ -553,6 +599,18 @@ mod tests {
 
     #[test]
     fn fused_train_conv_gradients_match_candle() {
+        check_train_conv_gradients();
+    }
+
+    /// The same table on Candle's ops alone (the GPU path): [`conv2d_unfolded`] for every
+    /// tracked convolution.
+    #[test]
+    fn unfolded_conv_gradients_match_candle() {
+        use crate::kernels::{scoped, Kernels};
+        scoped(Kernels::Candle, check_train_conv_gradients);
+    }
+
+    fn check_train_conv_gradients() {
         let dev = Device::Cpu;
         for (cin, cout, k, s, p, h, w) in [
             (4, 6, 3, 1, 1, 7, 9),

@@ -11,7 +11,7 @@ use crate::kernels::{f32_slice, with_host};
 /// single-threaded, and the class outputs are ~10⁷ values per training batch).
 pub fn channels_last(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
-    if !(x.device().is_cpu() && x.dtype() == DType::F32) {
+    if !(crate::kernels::native(x.device()) && x.dtype() == DType::F32) {
         return x.permute((0, 2, 3, 1))?.contiguous();
     }
     let y = x.contiguous()?.apply_op1(Transpose {
@@ -90,7 +90,7 @@ impl CustomOp1 for Transpose {
 /// its input.
 pub fn upsample_nearest(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (n, c, xh, xw) = x.dims4()?;
-    if (h, w) == (2 * xh, 2 * xw) && x.device().is_cpu() && x.dtype() == DType::F32 {
+    if (h, w) == (2 * xh, 2 * xw) && crate::kernels::native(x.device()) && x.dtype() == DType::F32 {
         x.contiguous()?.apply_op1(Upsample2x)
     } else if (h, w) == (2 * xh, 2 * xw) {
         x.reshape((n, c, xh, 1, xw, 1))?

@@ -223,7 +223,7 @@ pub fn batch_norm_train(
         residual,
         relu,
     };
-    if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+    if crate::kernels::native(x.device()) && matches!(x.dtype(), DType::F32 | DType::F64) {
         bn.fused(x)
     } else {
         bn.candle(x)

@@ -1,9 +1,7 @@
 //! The stem's max pool, torchvision's `nn.MaxPool2d(3, stride 2, padding 1)`, with its
 //! backward.
 
-use candle_core::{
-    CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType, D,
-};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, WithDType, D};
 use rayon::prelude::*;
 
 use crate::kernels::{host, slice};
@@ -11,29 +9,62 @@ use crate::kernels::{host, slice};
 /// `MaxPool2d(3, stride 2, padding 1)` of an `(N, C, H, W)` tensor. A tracked tensor
 /// back-propagates: each output's gradient goes to the input position that gave its maximum
 /// (the first in row-major order among ties, the last NaN if any, as PyTorch), summed where
-/// windows overlap. f32 and f64 run on the CPU (an untracked f32 tensor in one pass without
-/// indices; tracked tensors on other devices go through the host); anything else runs
-/// Candle's pool.
+/// windows overlap. f32 and f64 on the CPU run this crate's op (an untracked f32 tensor in
+/// one pass without indices); elsewhere (other devices, [`crate::kernels::Kernels::Candle`])
+/// Candle's pool, or for a tracked tensor Candle's differentiable ops ([`max_pool_ops`]).
 pub fn max_pool_3x3_s2_p1(x: &Tensor) -> Result<Tensor> {
     x.dims4()?;
-    let (cpu, tracked) = (x.device().is_cpu(), x.track_op());
+    let tracked = x.track_op();
     let op = MaxPool {
         differentiable: tracked || x.dtype() != DType::F32,
     };
     match x.dtype() {
-        DType::F32 | DType::F64 if cpu => x.contiguous()?.apply_op1(op),
-        DType::F32 | DType::F64 if tracked => {
-            let dev = x.device().clone();
-            x.to_device(&Device::Cpu)?
-                .contiguous()?
-                .apply_op1(op)?
-                .to_device(&dev)
+        DType::F32 | DType::F64 if crate::kernels::native(x.device()) => {
+            x.contiguous()?.apply_op1(op)
         }
+        _ if tracked => max_pool_ops(x),
         // Replicate-padding gives the same maxima as PyTorch's implicit −∞ padding.
         _ => x
             .pad_with_same(D::Minus1, 1, 1)?
             .pad_with_same(D::Minus2, 1, 1)?
             .max_pool2d_with_stride(3, 2),
+    }
+}
+
+/// The pool from Candle's differentiable ops on any device (Candle's own max pool has no
+/// backward): the maximum of the nine strided window taps of the replicate-padded input.
+/// `maximum` splits a tie's gradient between its sides; ties with a padded copy return to
+/// the same element, and ties between distinct positive activations are vanishingly rare
+/// (equal zeros after a ReLU get no gradient through it), so the gradients match PyTorch's.
+fn max_pool_ops(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (ho, wo) = (pooled(h), pooled(w));
+    // Tap `d` of output row `i` reads padded row `2i + d`: pad to at least 2·ho + 2 rows.
+    let padded = x
+        .pad_with_same(D::Minus1, 1, 2 * wo + 1 - w)?
+        .pad_with_same(D::Minus2, 1, 2 * ho + 1 - h)?;
+    let (n, c, _, _) = padded.dims4()?;
+    let mut out: Option<Tensor> = None;
+    for dy in 0..3 {
+        let rows = padded
+            .narrow(2, dy, 2 * ho)?
+            .reshape((n, c, ho, 2, 2 * wo + 2))?
+            .narrow(3, 0, 1)?;
+        for dx in 0..3 {
+            let tap = rows
+                .narrow(4, dx, 2 * wo)?
+                .reshape((n, c, ho, wo, 2))?
+                .narrow(4, 0, 1)?
+                .reshape((n, c, ho, wo))?;
+            out = Some(match out {
+                Some(m) => m.maximum(&tap)?,
+                None => tap,
+            });
+        }
+    }
+    match out {
+        Some(m) => Ok(m),
+        None => candle_core::bail!("max pool: no window taps"),
     }
 }
 
@@ -175,6 +206,7 @@ impl CustomOp1 for MaxPool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use candle_core::Var;
 
     /// PyTorch's max pool, spelled out: for each output, the window clipped to the plane,
@@ -326,5 +358,22 @@ mod tests {
             .max_all()
             .unwrap();
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    /// Candle's ops (the GPU path): the same values and, without ties, the same gradients
+    /// as the brute-force reference, on odd and even sizes.
+    #[test]
+    fn candle_ops_pool_matches_brute_force() {
+        use crate::kernels::{scoped, Kernels};
+        for (i, &(h, w)) in [(1, 1), (2, 3), (5, 4), (7, 7), (6, 9)].iter().enumerate() {
+            // Distinct values: a permutation of 0..n scaled, so that no window has a tie.
+            let n = 6 * h * w;
+            let values: Vec<f64> = (0..n)
+                .map(|j| ((j * 7919 + i * 13) % n) as f64 - 3.0)
+                .collect();
+            scoped(Kernels::Candle, || {
+                pool_case(h, w, DType::F32, values.clone())
+            });
+        }
     }
 }

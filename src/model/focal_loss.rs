@@ -431,7 +431,7 @@ pub fn retinanet_losses(
             targets.labels.len()
         )));
     }
-    let classification = if device.is_cpu() && dtype == DType::F32 {
+    let classification = if crate::kernels::native(device) && dtype == DType::F32 {
         let (labels, weights) = (&targets.labels, &targets.cls_weights);
         focal_loss_sum(cls_logits, labels, weights, config.alpha, config.gamma)?
     } else {

@@ -251,6 +251,9 @@ fn rescale(
 /// The given rows of a contiguous f32 CPU `(rows, k)` tensor, gathered straight from its
 /// storage; `None` for anything else.
 fn rows_on_host(t: &Tensor, k: usize, rows: &[usize]) -> Option<Vec<f32>> {
+    if !crate::kernels::native(t.device()) {
+        return None;
+    }
     crate::kernels::host_f32(t, |values| {
         let mut out = Vec::with_capacity(rows.len() * k);
         for &r in rows {
@@ -264,7 +267,7 @@ fn rows_on_host(t: &Tensor, k: usize, rows: &[usize]) -> Option<Vec<f32>> {
 /// reduction runs on one thread); `None` for anything else.
 fn row_maxima_on_host(t: &Tensor, k: usize) -> Option<Vec<f32>> {
     use rayon::prelude::*;
-    if k == 0 {
+    if k == 0 || !crate::kernels::native(t.device()) {
         return None;
     }
     crate::kernels::host_f32(t, |values| {

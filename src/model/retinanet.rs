@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use crate::kernels::Precision;
+use crate::kernels::{self, Kernels, Precision};
 use crate::model::anchors::AnchorGenerator;
 use crate::model::backbone::ResNet;
 use crate::model::box_coder::BoxCoder;
@@ -63,6 +63,9 @@ pub struct RetinaNet {
     class_names: Option<Vec<String>>,
     device: Device,
     dtype: DType,
+    kernels: Kernels,
+    /// Whether layers were switched to this crate's fused CPU kernels.
+    fused_natively: bool,
 }
 
 impl RetinaNet {
@@ -103,6 +106,8 @@ impl RetinaNet {
             class_names: None,
             device: vb.device().clone(),
             dtype: vb.dtype(),
+            kernels: Kernels::Native,
+            fused_natively: false,
         })
     }
 
@@ -118,9 +123,12 @@ impl RetinaNet {
     /// backbone stays f32: in bf16 its fifty layers compound rounding into 15 % error on the
     /// head outputs (the FPN and heads alone: 0.6 %), measured on the parity fixtures.
     pub fn fuse_for_inference_with(&mut self, precision: Precision) -> Result<()> {
-        self.backbone.fuse(Precision::F32)?;
-        self.fpn.fuse(precision)?;
-        self.head.fuse(precision)?;
+        kernels::scoped(self.kernels, || {
+            self.backbone.fuse(Precision::F32)?;
+            self.fpn.fuse(precision)?;
+            self.head.fuse(precision)
+        })?;
+        self.fused_natively |= kernels::scoped(self.kernels, || kernels::native(&self.device));
         Ok(())
     }
 
@@ -128,7 +136,29 @@ impl RetinaNet {
     /// (the frozen stages) switch to the fast inference kernels; everything trained stays
     /// differentiable.
     pub fn fuse_frozen(&mut self) -> Result<()> {
-        Ok(self.backbone.fuse_frozen()?)
+        kernels::scoped(self.kernels, || self.backbone.fuse_frozen())?;
+        self.fused_natively |= kernels::scoped(self.kernels, || kernels::native(&self.device));
+        Ok(())
+    }
+
+    /// The implementation the layers run on (see [`Kernels`]).
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Selects the layers' implementation. Set it before [`RetinaNet::fuse_for_inference`]
+    /// (as [`crate::LoadOptions::kernels`] does): layers already fused for this crate's CPU
+    /// kernels cannot switch to Candle's ops, which is an error.
+    pub fn set_kernels(&mut self, kernels: Kernels) -> Result<()> {
+        if kernels == Kernels::Candle && self.fused_natively {
+            return Err(Error::Invalid(
+                "the model's layers are already fused for this crate's CPU kernels: select \
+                 Candle's kernels before fusing (LoadOptions::kernels)"
+                    .into(),
+            ));
+        }
+        self.kernels = kernels;
+        Ok(())
     }
 
     /// The architecture.
@@ -200,6 +230,11 @@ impl RetinaNet {
     }
 
     fn forward_raw_t(&self, batch: &ImageBatch, train: bool, keep: bool) -> Result<RawOutput> {
+        kernels::scoped(self.kernels, || self.network(batch, train, keep))
+    }
+
+    /// Backbone → FPN → head, and the anchors of the feature maps' sizes.
+    fn network(&self, batch: &ImageBatch, train: bool, keep: bool) -> Result<RawOutput> {
         let c = self.backbone.forward_t(&batch.tensor, train)?;
         let p = self.fpn.forward(&c)?;
         let (cls_logits, bbox_regression) = self.head.forward(&p)?;
@@ -226,7 +261,8 @@ impl RetinaNet {
     /// Detections of each image of `batch` from the network's outputs, in original-image
     /// pixels, sorted by score.
     pub fn postprocess(&self, raw: &RawOutput, batch: &ImageBatch) -> Result<Vec<Vec<Detection>>> {
-        self.postprocess.batch(&self.box_coder, raw, batch)
+        let post = || self.postprocess.batch(&self.box_coder, raw, batch);
+        kernels::scoped(self.kernels, post)
     }
 
     /// Detects objects in a batch of images of any sizes.

@@ -148,7 +148,7 @@ fn step_in_place(
     lr: f64,
 ) -> Result<bool> {
     let w = var.as_tensor();
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let cpu_f32 = |t: &Tensor| crate::kernels::native(t.device()) && t.dtype() == DType::F32;
     if c.momentum == 0.0 || !cpu_f32(w) || !cpu_f32(g) || !w.is_contiguous() {
         return Ok(false);
     }

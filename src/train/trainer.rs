@@ -36,6 +36,7 @@ use super::params::{
 };
 use super::schedule::LrSchedule;
 use crate::boxes::resize_boxes;
+use crate::kernels::{self, Kernels};
 use crate::model::focal_loss::{retinanet_losses, LossConfig, LossTargets, Losses};
 use crate::model::matcher::Matcher;
 use crate::model::{RawOutput, RetinaNet, RetinaNetConfig};
@@ -66,6 +67,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Data type of weights, activations and gradients (f32; f64 for reference checks).
     pub dtype: DType,
+    /// The layers', loss's and optimiser's implementation: this crate's CPU kernels, or
+    /// Candle's ops only (the path CUDA and Metal run). See [`Kernels`].
+    pub kernels: Kernels,
 }
 
 impl TrainConfig {
@@ -102,6 +106,7 @@ impl TrainConfig {
             backbone_norm: BackboneNorm::Frozen,
             seed: 0,
             dtype: DType::F32,
+            kernels: Kernels::Native,
         }
     }
 }
@@ -192,6 +197,7 @@ impl Trainer {
         let (layers, norm) = (config.trainable_backbone_layers, config.backbone_norm);
         let params = ParamStore::new(values, |n| role(n, layers, norm), device, config.dtype)?;
         let mut model = params.build(model_config)?;
+        model.set_kernels(config.kernels)?;
         model.fuse_frozen()?;
         let sgd = Sgd::new(params.trained(), config.sgd);
         Ok(Self {
@@ -262,6 +268,10 @@ impl Trainer {
     /// Forward pass and losses of a batch in training mode (batch norms that train use the
     /// batch's statistics), without updating anything.
     pub fn losses(&self, images: &[RgbImage], targets: &[Target]) -> Result<BatchLosses> {
+        kernels::scoped(self.config.kernels, || self.losses_here(images, targets))
+    }
+
+    fn losses_here(&self, images: &[RgbImage], targets: &[Target]) -> Result<BatchLosses> {
         if images.len() != targets.len() || images.is_empty() {
             return Err(Error::Invalid(format!(
                 "{} images and {} targets in a batch",
@@ -307,6 +317,11 @@ impl Trainer {
     /// One SGD step on a batch. A NaN or infinite loss stops with
     /// [`Error::NonFiniteLoss`] before any weight changes.
     pub fn step(&mut self, images: &[RgbImage], targets: &[Target]) -> Result<StepStats> {
+        let kernels = self.config.kernels;
+        kernels::scoped(kernels, || self.step_here(images, targets))
+    }
+
+    fn step_here(&mut self, images: &[RgbImage], targets: &[Target]) -> Result<StepStats> {
         let batch = self.losses(images, targets)?;
         let cls = scalar(&batch.losses.classification)?;
         let boxl = scalar(&batch.losses.box_regression)?;

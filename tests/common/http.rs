@@ -2,6 +2,8 @@
 //! host), for the download tests: `hf-hub` 0.4 first sends `GET` with `Range: bytes=0-0` and
 //! reads `ETag`/`X-Linked-Etag`, `X-Repo-Commit` and `Content-Range`, then `GET`s the file
 //! with `Range: bytes=N-`.
+// Each test crate uses its own part of the server.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -24,6 +26,8 @@ pub struct Server {
     pub url: String,
     files: Arc<Mutex<HashMap<String, Served>>>,
     requests: Arc<AtomicUsize>,
+    /// `Authorization` headers received, in order.
+    authorizations: Arc<Mutex<Vec<String>>>,
 }
 
 impl Server {
@@ -32,13 +36,14 @@ impl Server {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let files: Arc<Mutex<HashMap<String, Served>>> = Arc::default();
         let requests = Arc::new(AtomicUsize::new(0));
-        let (f, r) = (files.clone(), requests.clone());
+        let authorizations: Arc<Mutex<Vec<String>>> = Arc::default();
+        let (f, r, a) = (files.clone(), requests.clone(), authorizations.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 r.fetch_add(1, Ordering::SeqCst);
-                let f = f.clone();
+                let (f, a) = (f.clone(), a.clone());
                 std::thread::spawn(move || {
-                    let _ = handle(stream, &f);
+                    let _ = handle(stream, &f, &a);
                 });
             }
         });
@@ -46,6 +51,7 @@ impl Server {
             url,
             files,
             requests,
+            authorizations,
         }
     }
 
@@ -65,9 +71,18 @@ impl Server {
     pub fn requests(&self) -> usize {
         self.requests.load(Ordering::SeqCst)
     }
+
+    /// The `Authorization` headers received so far.
+    pub fn authorizations(&self) -> Vec<String> {
+        self.authorizations.lock().unwrap().clone()
+    }
 }
 
-fn handle(stream: TcpStream, files: &Mutex<HashMap<String, Served>>) -> std::io::Result<()> {
+fn handle(
+    stream: TcpStream,
+    files: &Mutex<HashMap<String, Served>>,
+    authorizations: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
     reader.read_line(&mut line)?;
@@ -81,6 +96,12 @@ fn handle(stream: TcpStream, files: &Mutex<HashMap<String, Served>>) -> std::io:
             break;
         }
         let (name, value) = header.split_once(':').unwrap_or(("", ""));
+        if name.eq_ignore_ascii_case("authorization") {
+            authorizations
+                .lock()
+                .unwrap()
+                .push(value.trim().to_string());
+        }
         if name.eq_ignore_ascii_case("range") {
             let spec = value.trim().trim_start_matches("bytes=");
             let (a, b) = spec.split_once('-').unwrap_or(("0", ""));

@@ -3,6 +3,22 @@
 
 use std::path::PathBuf;
 
+/// The device the parity tests run on: `$RETINANET_TEST_DEVICE` (`cpu`, the default, or
+/// `cuda`, `cuda:N`, `metal`), as `scripts/gpu-check.sh` runs them on a GPU.
+pub fn test_device() -> candle_core::Device {
+    let name = std::env::var("RETINANET_TEST_DEVICE").unwrap_or_default();
+    let open = match name.as_str() {
+        "" | "cpu" => return candle_core::Device::Cpu,
+        "cuda" => candle_core::Device::new_cuda(0),
+        "metal" => candle_core::Device::new_metal(0),
+        other => match other.strip_prefix("cuda:").map(str::parse) {
+            Some(Ok(i)) => candle_core::Device::new_cuda(i),
+            _ => panic!("RETINANET_TEST_DEVICE={other}: expected cpu, cuda, cuda:N or metal"),
+        },
+    };
+    open.unwrap_or_else(|e| panic!("RETINANET_TEST_DEVICE={name}: {e}"))
+}
+
 /// Root of the generated fixtures: `$RETINANET_FIXTURES`, else `target/fixtures`.
 pub fn fixtures_root() -> PathBuf {
     std::env::var_os("RETINANET_FIXTURES")
