@@ -14,7 +14,7 @@
 //!     cargo test --release --test fuzz -- --nocapture
 //! ```
 //!
-//! `RETINANET_FUZZ_ITERS` (default 2000) caps the executions per target,
+//! `RETINANET_FUZZ_ITERS` (default 20000) caps the executions per target,
 //! `RETINANET_FUZZ_SECS` (default 5) its time, `RETINANET_FUZZ_SEED` (default 16) picks the
 //! mutations. Executions per target are printed and appended to `target/fuzz-report.txt`.
 
@@ -154,7 +154,7 @@ fn fuzz(target: &str, mut seeds: Vec<Vec<u8>>, mut exec: impl FnMut(&[u8])) -> u
     assert!(!seeds.is_empty(), "{target}: no seeds");
     // Inputs that once crashed run first, every time.
     seeds.extend(regressions(target));
-    let iters: usize = env_or("RETINANET_FUZZ_ITERS", 2000);
+    let iters: usize = env_or("RETINANET_FUZZ_ITERS", 20_000);
     let budget = Duration::from_secs_f64(env_or("RETINANET_FUZZ_SECS", 5.0));
     let seed: u64 = env_or("RETINANET_FUZZ_SEED", 16);
     let mut rng = fastrand::Rng::with_seed(seed ^ hash(target));
