@@ -151,6 +151,8 @@ fn main() -> ExitCode {
     retinanet::device::one_candle_pool_thread();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
+        // `detect … | head`: the reader has all it wants.
+        Err(e) if retinanet::io::atomic::is_broken_pipe(e.as_ref()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -160,12 +162,14 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<()> {
     if args.list_models {
-        print!("{}", zoo::table(HubOptions::from_env().ok().as_ref()));
+        let table = zoo::table(HubOptions::from_env().ok().as_ref());
+        retinanet::io::atomic::write_stdout(table.as_bytes())?;
         return Ok(());
     }
     if let Some(t) = args.score_threshold.filter(|t| !(0.0..1.0).contains(t)) {
         bail!("--score-threshold must be in [0, 1), got {t}");
     }
+    check_numbers(&args)?;
     let overlap = match &args.overlap {
         Some(text) => Some(Overlap::parse(text).context("--overlap")?),
         None => None,
@@ -250,11 +254,12 @@ fn run(args: Args) -> Result<()> {
         staged.write(out, &retinanet::geo::deepforest_csv(&rows, &model)?)?;
     }
     if let Some(path) = &args.coco_results {
-        staged.write(path, serde_json::to_string(&coco)?.as_bytes())?;
+        staged.write(path, (serde_json::to_string(&coco)? + "\n").as_bytes())?;
     }
     let json_file = args.json.as_deref().filter(|p| *p != Path::new("-"));
     if let Some(path) = json_file {
-        staged.write(path, json.as_bytes())?;
+        // Text files end with a newline (and `/dev/stdout` keeps the next line apart).
+        staged.write(path, format!("{json}\n").as_bytes())?;
     }
     staged.commit()?;
     let asked_files = args.out.is_some()
@@ -263,22 +268,41 @@ fn run(args: Args) -> Result<()> {
         || args.geojson.is_some()
         || args.csv.is_some();
     let json_on_stdout = args.json.is_some() && json_file.is_none() || !asked_files;
+    let mut stdout = String::new();
     if json_on_stdout {
-        println!("{json}");
+        stdout += &format!("{json}\n");
     }
     for line in summaries.iter().filter(|_| asked_files) {
         // Standard output stays pure JSON when it carries the JSON.
         match json_on_stdout {
             true => eprintln!("{line}"),
-            false => println!("{line}"),
+            false => stdout += &format!("{line}\n"),
         }
     }
+    // Errors, not panics: a full disk exits 1 with a message, a closed pipe quietly.
+    retinanet::io::atomic::write_stdout(stdout.as_bytes())?;
     let (n, total) = (results.len(), coco.len());
     eprintln!(
         "{n} image(s), {total} detections in {elapsed:.2}s ({:.2} images/s) on {}",
         n as f64 / elapsed.max(1e-9),
         retinanet::device::name(&device)
     );
+    Ok(())
+}
+
+/// Refuses numbers out of range before any work starts, naming the flag.
+fn check_numbers(args: &Args) -> Result<()> {
+    use retinanet::limits::{check_non_negative, check_side, check_unit};
+    if let Some(t) = args.nms_threshold {
+        check_unit(t, "--nms-threshold")?;
+    }
+    check_unit(f64::from(args.draw_threshold), "--draw-threshold")?;
+    if let Some(eps) = args.bn_eps {
+        check_non_negative(eps, "--bn-eps")?;
+    }
+    for (side, flag) in [(args.min_size, "--min-size"), (args.max_size, "--max-size")] {
+        side.map(|s| check_side(s, flag)).transpose()?;
+    }
     Ok(())
 }
 
@@ -407,9 +431,8 @@ fn detect_one(model: &RetinaNet, path: &Path, tiling: Option<&Tiling>) -> Result
         let detections = detect_image(model, &image, tiling)?;
         return Ok((detections, Some(image), size, georef));
     }
-    let image = image::open(path)
-        .with_context(|| format!("cannot read image {}", path.display()))?
-        .to_rgb8();
+    // Strict: a truncated or corrupt image is an error naming it.
+    let image = retinanet::data::decode_rgb(path)?;
     let detections = detect_image(model, &image, tiling)?;
     let size = image.dimensions();
     Ok((detections, Some(image), size, None))

@@ -40,9 +40,14 @@ struct Args {
 fn main() {
     retinanet::device::one_candle_pool_thread();
     let args = Args::parse();
-    if let Err(e) = run(&args) {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match run(&args) {
+        // `evaluate … | head`: the reader has all it wants.
+        Err(e) if retinanet::io::atomic::is_broken_pipe(e.as_ref()) => {}
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+        Ok(()) => {}
     }
 }
 
@@ -70,9 +75,13 @@ fn run(args: &Args) -> Result<()> {
         loaded.as_secs_f64(),
         evaluated.as_secs_f64()
     );
-    print!("{}", format_summary(eval.summary()));
-    println!();
-    print!("{}", format_per_class(&eval.per_class()));
+    let printout = format!(
+        "{}\n{}",
+        format_summary(eval.summary()),
+        format_per_class(&eval.per_class())
+    );
+    // Errors, not panics: a full disk exits 1 with a message, a closed pipe quietly.
+    retinanet::io::atomic::write_stdout(printout.as_bytes())?;
     if let Some(path) = &args.json {
         write_stats(&eval, path)?;
     }

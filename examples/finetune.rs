@@ -10,7 +10,8 @@
 //!
 //! Writes into `--out`: `metrics.jsonl` (one line per logged step, naming the samples it
 //! trained on and which were flipped, and one per validation),
-//! `loss.png`, `last.safetensors` (checkpoint with optimiser state beside it, for `--resume`),
+//! `loss.png`, `last.safetensors` (checkpoint with the optimiser state in the same file, for
+//! `--resume`),
 //! `final.safetensors` (loads in `detect` unchanged; with `--f16` also `final.f16.safetensors`)
 //! and `run.json` (the settings, which `--resume` checks). Every file is written atomically.
 
@@ -185,6 +186,7 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
+    check_numbers(&args)?;
     let device = args.device.open()?;
     let val = match (&args.val, &args.val_split) {
         (Some(p), _) => Some((p.as_path(), None)),
@@ -216,6 +218,10 @@ fn run(args: Args) -> Result<()> {
     let bpe = loader.batches_per_epoch();
     let steps = run::run_steps(args.steps, args.epochs, bpe)?;
     let schedule = run::schedule(steps, args.batch_size, args.lr)?;
+    // Temporaries of a killed run are never complete: remove them before anything else.
+    for name in retinanet::io::atomic::remove_stale_temporaries(&args.out)? {
+        eprintln!("removed {name}, a temporary left by an interrupted run");
+    }
     let hub = hub_start(&args, num_classes)?;
     let start = hub.as_ref().map(|(path, _)| path.as_path());
     let mut trainer = make_trainer(&args, &loader, num_classes, schedule, &device, start)?;
@@ -289,6 +295,26 @@ fn run(args: Args) -> Result<()> {
             "wrote the repo {} (model.safetensors, config.json)",
             dir.display()
         );
+    }
+    Ok(())
+}
+
+/// Refuses numbers out of range before any work starts, naming the flag.
+fn check_numbers(args: &Args) -> Result<()> {
+    use retinanet::limits::{check_positive, check_side, check_unit};
+    let optional = [
+        (args.lr, "--lr"),
+        (args.clip_grad_norm, "--clip-grad-norm"),
+        (args.epochs, "--epochs"),
+    ];
+    for (value, flag) in optional {
+        value.map(|v| check_positive(v, flag)).transpose()?;
+    }
+    check_unit(f64::from(args.hflip), "--hflip")?;
+    check_side(args.min_size, "--min-size")?;
+    check_side(args.max_size, "--max-size")?;
+    if args.batch_size == 0 || args.steps == Some(0) || args.depth == 0 {
+        bail!("--batch-size, --steps and --depth must be positive");
     }
     Ok(())
 }

@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 
@@ -151,21 +152,52 @@ def main():
     if names is not None:
         metadata["class_names"] = json.dumps(names)
 
-    out_dir = os.path.dirname(os.path.abspath(args.output))
+    write_output(args.output, tensors, metadata)
+    size = os.path.getsize(args.output) / 1e6
+    print(f"{args.output}: {arch}, {len(tensors)} tensors, {size:.1f} MB, bn_eps "
+          f"{metadata['bn_eps']}, {len(names) if names else 'no'} class names", file=sys.stderr)
+
+
+def sorted_header(data):
+    """The safetensors bytes with the JSON header's keys sorted (save_file writes the
+    metadata in hash order): the same input always gives the same file."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":"))
+    header = header.encode() + b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + n:]
+
+
+def write_output(output, tensors, metadata):
+    """As the crate writes files (src/io/atomic.rs): through a symlink to its target, a
+    regular file replaced by a synced temporary in one rename, a device or FIFO written in
+    place, a folder refused."""
+    target = os.path.realpath(output)
+    if os.path.exists(target) and not os.path.isfile(target):
+        mode = os.stat(target).st_mode
+        if not (stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode)):
+            sys.exit(f"error: {output}: not a regular file; refusing to replace it")
+    out_dir = os.path.dirname(target)
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".convert-", suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            data = sorted_header(f.read())
+        if os.path.exists(target) and not os.path.isfile(target):
+            with open(target, "wb") as f:
+                f.write(data)
+            return
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        os.replace(tmp, args.output)
+        os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    size = os.path.getsize(args.output) / 1e6
-    print(f"{args.output}: {arch}, {len(tensors)} tensors, {size:.1f} MB, bn_eps "
-          f"{metadata['bn_eps']}, {len(names) if names else 'no'} class names", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,14 @@ make_fixtures make_deepforest_fixtures.py deepforest "$dfreq" "$RETINANET_DEEPFO
 # Tests that cannot run their checks here (a CPU feature missing) say so in this file.
 skipped=target/skipped-tests.txt
 rm -f "$skipped"
+# The fuzz harness (tests/fuzz.rs) and the kill/resume test report their figures here.
+reports=(target/fuzz-report.txt target/kill-report.txt)
+rm -f "${reports[@]}"
 status=0
 cargo test --release "$@" || status=$?
+for report in "${reports[@]}"; do
+  if [ -s "$report" ]; then cat "$report" >&2; fi
+done
 if [ -s "$skipped" ]; then
   echo "Tests that skipped their checks on this machine:" >&2
   sort -u "$skipped" >&2

@@ -46,6 +46,7 @@ pub mod io;
 #[doc(hidden)]
 pub mod kernels;
 pub mod layers;
+pub mod limits;
 pub mod model;
 pub mod tiling;
 pub mod train;

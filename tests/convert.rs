@@ -117,6 +117,27 @@ fn f32_conversion_keeps_the_detections_and_records_metadata() {
     assert_eq!(detect(&out), reference);
     let model = RetinaNet::load(&out, &Device::Cpu).unwrap();
     assert_eq!(model.class_name(2), Some("c"));
+
+    // Deterministic bytes (a sorted header), written through a symlink to its target.
+    let target = tmp_in("link", "target.safetensors");
+    let link = tmp_in("link", "link.safetensors");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let again = convert(
+        &pth,
+        &link,
+        &["--bn-eps", "1e-5", "--classes", names.to_str().unwrap()],
+    );
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(std::fs::read(&target).unwrap() == std::fs::read(&out).unwrap());
 }
 
 #[test]

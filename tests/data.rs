@@ -413,6 +413,58 @@ fn csv_rows_are_validated_with_file_and_line() {
 }
 
 #[test]
+fn nothing_is_guessed_or_dropped_silently() {
+    // YOLO without class names: numbered from the largest label, with a warning.
+    let dir = temp_dir("yolo-unnamed");
+    write_png(&dir.join("x.png"), 20, 20);
+    std::fs::write(dir.join("x.txt"), "3 0.5 0.5 0.2 0.4\n").unwrap();
+    let ds = data::load(&dir, Some(Format::Yolo), &LoadOpts::default()).unwrap();
+    assert_eq!(ds.class_names, ["0", "1", "2", "3"]);
+    let warning = ds.warnings_of(WarningKind::ClassesGuessed).next().unwrap();
+    assert_eq!(warning.file, dir);
+    assert!(warning.message.contains("no data.yaml"), "{warning}");
+    // A CSV row of empty fields is an error naming its line, not a row dropped.
+    let dir = temp_dir("csv-empty-row");
+    write_png(&dir.join("a.png"), 20, 20);
+    let csv = dir.join("boxes.csv");
+    std::fs::write(&csv, "a.png,1,2,11,12,dog\n,,,,,\n").unwrap();
+    let err = data::load(&csv, None, &LoadOpts::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("boxes.csv:2:") && err.contains("empty image path"),
+        "{err}"
+    );
+    // A truncated image: a warning naming it, the image skipped and counted.
+    let bytes = std::fs::read(dir.join("a.png")).unwrap();
+    std::fs::write(dir.join("b.png"), &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(&csv, "a.png,1,2,11,12,dog\nb.png,1,2,11,12,dog\n").unwrap();
+    let ds = data::load(&csv, None, &LoadOpts::default()).unwrap();
+    assert_eq!(ds.len(), 1);
+    let warning = ds.warnings_of(WarningKind::UnreadableImage).next().unwrap();
+    assert!(warning.message.contains("b.png"), "{warning}");
+    assert!(
+        ds.summary().contains("1 unreadable image(s) skipped"),
+        "{}",
+        ds.summary()
+    );
+    // COCO without classes or without annotations.
+    let json = dir.join("coco.json");
+    let image = r#"{"id": 1, "file_name": "a.png", "width": 20, "height": 20}"#;
+    let doc = format!(r#"{{"images": [{image}], "annotations": [], "categories": []}}"#);
+    std::fs::write(&json, doc).unwrap();
+    let err = data::load(&json, None, &LoadOpts::default()).unwrap_err();
+    assert!(err.to_string().contains("`categories` is empty"), "{err}");
+    let doc = format!(r#"{{"images": [{image}], "categories": [{{"id": 1, "name": "a"}}]}}"#);
+    std::fs::write(&json, doc).unwrap();
+    let err = data::load(&json, None, &LoadOpts::default()).unwrap_err();
+    assert!(
+        err.to_string().contains("missing field `annotations`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn yolo_problems_name_file_and_line() {
     let dir = temp_dir("yolo");
     write_png(&dir.join("x.png"), 100, 50);

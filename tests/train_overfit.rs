@@ -236,8 +236,49 @@ fn resume_continues_exactly_and_checkpoints_load_for_inference() {
     // The checkpoint is an ordinary model file for inference, with its metadata.
     let model = RetinaNet::load(&ckpt, &Device::Cpu).unwrap();
     assert_eq!(model.config(), &model_config);
-    assert!(dir.join("half.optim.safetensors").is_file());
-    assert!(!dir.join("half.safetensors.tmp").exists());
+    // One file holds the optimiser state too, and nothing else is left beside it.
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st
+        .names()
+        .iter()
+        .any(|n| n.starts_with("optimizer.momentum.")));
+    let mut left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("half") || n.starts_with(".half"))
+        .collect();
+    left.sort();
+    assert_eq!(left, ["half.safetensors"]);
+
+    // The older two-file layout (the optimiser state beside the model) still resumes.
+    use retinanet::train::checkpoint::{optim_path, write_safetensors, OPTIMIZER_PREFIX};
+    let (tensors, mut meta) =
+        retinanet::train::checkpoint::read_safetensors(&ckpt, &Device::Cpu).unwrap();
+    meta.remove("optimizer");
+    let (optim, model): (Vec<_>, Vec<_>) = tensors
+        .into_iter()
+        .partition(|(n, _)| n.starts_with(OPTIMIZER_PREFIX));
+    let legacy = dir.join("legacy.safetensors");
+    write_safetensors(&legacy, &model.into_iter().collect(), meta).unwrap();
+    let buffers: std::collections::BTreeMap<String, Tensor> = optim
+        .into_iter()
+        .map(|(n, t)| (n[OPTIMIZER_PREFIX.len()..].to_string(), t))
+        .collect();
+    let step = |s: &str| [("step".to_string(), s.to_string())].into();
+    write_safetensors(&optim_path(&legacy), &buffers, step("2")).unwrap();
+    let config = straight.config().clone();
+    let old = Trainer::resume(&legacy, &model_config, config.clone(), &Device::Cpu).unwrap();
+    assert_eq!(old.step_count(), 2);
+    assert_eq!(old.optimizer().buffers().len(), buffers.len());
+    write_safetensors(&optim_path(&legacy), &buffers, step("3")).unwrap();
+    let err = Trainer::resume(&legacy, &model_config, config, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("optimiser state is at step 3, the model at step 2"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -13,7 +13,8 @@ use super::{
 #[derive(Debug, Deserialize)]
 struct CocoFile {
     images: Vec<Image>,
-    #[serde(default)]
+    /// Required: a file without it is more likely a results or image-info file than a set
+    /// without boxes (which says `"annotations": []`).
     annotations: Vec<Annotation>,
     categories: Vec<Category>,
 }
@@ -56,6 +57,13 @@ pub(super) fn load(path: &Path, opts: &LoadOpts) -> Result<Dataset> {
         line: Some(e.line()),
         message: format!("invalid COCO JSON: {e}"),
     })?;
+    if coco.categories.is_empty() {
+        return Err(DataError::Parse {
+            file: file.to_path_buf(),
+            line: None,
+            message: "`categories` is empty: a detector needs at least one class".into(),
+        });
+    }
     let mut categories: Vec<&Category> = coco.categories.iter().collect();
     categories.sort_by_key(|c| c.id);
     let (class_names, category_ids) = match &opts.classes {

@@ -65,7 +65,9 @@ fn read_rows(path: &Path) -> Result<Vec<ImageRows>> {
             parse_err(line, e.to_string())
         })?;
         let line = record.position().map_or(i + 1, |p| p.line() as usize);
-        if record.iter().all(str::is_empty) {
+        // A line of blanks is no row; a row of empty fields (`,,,,,`) is an error below
+        // (no image path), not silently nothing.
+        if record.len() == 1 && record[0].is_empty() {
             continue;
         }
         if record.len() != 6 {

@@ -30,6 +30,7 @@
 mod augment;
 mod coco;
 mod csv_format;
+mod decode;
 mod loader;
 mod voc;
 mod yolo;
@@ -44,6 +45,7 @@ pub use crate::tiling::Region;
 pub use augment::{
     augment, crop_boxes, AugmentConfig, Augmented, CropConfig, Rng, TileConfig, TileStats,
 };
+pub use decode::{decode_rgb, decode_rgb_bytes, MAX_PIXELS};
 pub use loader::{Batch, Batches, Loader, LoaderConfig, Target};
 
 /// Result type of this module.
@@ -214,6 +216,9 @@ pub enum WarningKind {
     Crowd,
     /// An image has no annotation file; it is kept as an image without objects.
     NoAnnotation,
+    /// No class names were given (YOLO without `data.yaml` or `classes.txt`): the classes
+    /// were numbered up to the largest label used, and named by their numbers.
+    ClassesGuessed,
 }
 
 impl WarningKind {
@@ -336,17 +341,6 @@ impl Sample {
     }
 }
 
-/// Decodes an image file to RGB, trusting its content over its extension.
-pub fn decode_rgb(path: &Path) -> Result<image::RgbImage> {
-    let img_err = |source| DataError::Image {
-        path: path.to_path_buf(),
-        source,
-    };
-    let reader = image::ImageReader::open(path).map_err(io_err(path))?;
-    let reader = reader.with_guessed_format().map_err(io_err(path))?;
-    Ok(reader.decode().map_err(img_err)?.to_rgb8())
-}
-
 /// A loaded dataset.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {
@@ -439,6 +433,16 @@ impl Dataset {
             self.num_classes(),
             self.warnings.len()
         );
+        let unreadable = self
+            .warnings
+            .iter()
+            .filter(|w| w.kind == WarningKind::UnreadableImage)
+            .count();
+        if unreadable > 0 {
+            out.push_str(&format!(
+                "  {unreadable} unreadable image(s) skipped (see the warnings)\n"
+            ));
+        }
         for (name, count) in self.class_names.iter().zip(self.class_counts()) {
             out.push_str(&format!("  {name}: {count}\n"));
         }
@@ -670,22 +674,18 @@ fn resolve_image(
     Ok(None)
 }
 
-/// Reads an image's size from its header, warning [`WarningKind::UnreadableImage`] on
-/// failure.
+/// Decodes an image in full (a truncated or corrupt file must not reach training) for its
+/// size, warning [`WarningKind::UnreadableImage`] on failure.
 fn image_size(
     path: &Path,
     report: &mut Report,
     file: &Path,
     line: Option<usize>,
 ) -> Result<Option<(u32, u32)>> {
-    let size = image::ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(image::ImageError::IoError)
-        .and_then(|r| r.into_dimensions());
-    match size {
-        Ok(size) => Ok(Some(size)),
+    match decode_rgb(path) {
+        Ok(image) => Ok(Some(image.dimensions())),
         Err(e) => {
-            let msg = format!("cannot read image {}: {e}; skipped", path.display());
+            let msg = format!("{e}; skipped");
             report.warn(file, line, WarningKind::UnreadableImage, msg)?;
             Ok(None)
         }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use super::{
     extension, image_size, io_err, is_image, list_files, par_map_ordered, split_dirs,
     split_folders, validate_box, DataError, Dataset, Format, LoadOpts, Report, Result, Sample,
-    WarningKind,
+    Warning, WarningKind,
 };
 
 /// Image and label folders, and whether they are in the requested split.
@@ -63,13 +63,30 @@ pub(super) fn load(path: &Path, opts: &LoadOpts) -> Result<Dataset> {
     let limit = names_given.as_ref().map_or(usize::MAX, Vec::len);
     let built = par_map_ordered(&entries, |e| build_sample(e, limit, opts))?;
     let mut dataset = Dataset::from_built(Format::Yolo, path, Vec::new(), built);
-    dataset.class_names = names_given.unwrap_or_else(|| {
-        let max = dataset.samples.iter().flat_map(|s| &s.labels).max();
-        (0..max.map_or(0, |m| m + 1))
-            .map(|i| i.to_string())
-            .collect()
-    });
+    if names_given.is_none() {
+        guess_classes(&mut dataset, &root);
+    }
+    if let Some(names) = names_given {
+        dataset.class_names = names;
+    }
     Ok(dataset)
+}
+
+/// Without names, classes are numbered up to the largest index used, with a warning: a
+/// class above it that no label uses would be missing from the model.
+fn guess_classes(dataset: &mut Dataset, root: &Path) {
+    let max = dataset.samples.iter().flat_map(|s| &s.labels).max();
+    let count = max.map_or(0, |m| m + 1);
+    dataset.class_names = (0..count).map(|i| i.to_string()).collect();
+    dataset.warnings.push(Warning {
+        file: root.to_path_buf(),
+        line: None,
+        kind: WarningKind::ClassesGuessed,
+        message: format!(
+            "no data.yaml or classes.txt: {count} classes assumed from the largest label \
+             used, named by number; name them in data.yaml (`names:`) if there are more"
+        ),
+    });
 }
 
 /// The image/label folder pairs: `images/` + `labels/` (optionally with split subfolders

@@ -23,6 +23,12 @@ impl GroundTruth {
 
     fn parse(text: &str, what: &str) -> Result<Self, EvalError> {
         let raw: RawGroundTruth = parse_json(text, what)?;
+        if raw.categories.is_empty() {
+            return Err(EvalError::Incomplete {
+                what: what.to_string(),
+                message: "`categories` is empty: there is nothing to evaluate".into(),
+            });
+        }
         let annotations = raw
             .annotations
             .into_iter()
@@ -123,7 +129,7 @@ fn nulls_for_non_finite(text: &str) -> Option<String> {
 #[derive(Deserialize)]
 struct RawGroundTruth {
     images: Vec<RawImage>,
-    #[serde(default)]
+    /// Required: without it every detection would count as a false positive, with exit 0.
     annotations: Vec<RawAnnotation>,
     categories: Vec<RawCategory>,
 }

@@ -144,6 +144,14 @@ pub enum EvalError {
         /// The accepted values.
         allowed: String,
     },
+    /// A ground-truth document lacks what an evaluation needs (categories).
+    #[error("{what}: {message}")]
+    Incomplete {
+        /// The document (a file name or a description).
+        what: String,
+        /// What is missing.
+        message: String,
+    },
 }
 
 /// The ten IoU thresholds 0.50:0.05:0.95, bit-identical to `np.linspace(.5, 0.95, 10)`.

@@ -48,14 +48,11 @@ pub fn annotate(
     Ok(img)
 }
 
-/// Where each of `images` is written annotated in the folder `dir` (created): its file
-/// name there. Refuses two inputs with one name, overwriting an input, and extensions no
+/// Where each of `images` is written annotated in the folder `dir`: its file name there
+/// (the folder is created with the first file written, so a run that fails first leaves
+/// none). Refuses two inputs with one name, overwriting an input, and extensions no
 /// encoder writes.
 pub fn output_paths(dir: &Path, images: &[PathBuf]) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        path: dir.to_path_buf(),
-        source,
-    })?;
     let mut seen: HashMap<PathBuf, &Path> = HashMap::new();
     let mut out = Vec::with_capacity(images.len());
     for image in images {

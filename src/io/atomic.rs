@@ -1,10 +1,15 @@
-//! Atomic file writing: every file this crate and its examples write goes through here, so
-//! that readers see the old content or the new, never a part, and a failure leaves no
-//! temporary behind.
+//! File writing: every file this crate and its examples write goes through here, so that
+//! readers see the old content or the new, never a part, and a failure leaves no temporary
+//! behind.
 //!
-//! A file is written to a hidden temporary beside its destination (same folder, so the rename
-//! cannot cross file systems), synced, then renamed over the destination. [`Staged`] does the
-//! same for several files at once, renaming them only when all were written.
+//! What stands at the destination decides how ([`Destination`]): a regular file or a new
+//! path is written to a hidden temporary beside it (same folder, so the rename cannot cross
+//! file systems), synced, then renamed over it; a symbolic link is written through, its
+//! final target replaced that way and the link kept; a character or block device, a FIFO
+//! and `-` (standard output) get the bytes directly, once they were produced in full; a
+//! folder or a socket is refused, never replaced. `/dev/stdout` is standard output, and other
+//! existing paths under `/dev` and `/proc` are written in place. [`Staged`] does the same for
+//! several files at once, making them current only when all were written.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,41 +17,256 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::{Error, Result};
 
-/// Writes `bytes` to `path` atomically, creating its folder if needed.
+/// How a destination is written, from what stands there ([`Destination::of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// A regular file or nothing yet: replaced atomically. The path is the link's final
+    /// target when the destination was a symbolic link.
+    Replace(PathBuf),
+    /// A character or block device or a FIFO: written in place.
+    Direct(PathBuf),
+    /// `-`: standard output.
+    Stdout,
+}
+
+/// Symbolic links followed before giving up (Linux's limit).
+const MAX_LINKS: usize = 40;
+
+impl Destination {
+    /// Classifies `path`, following symbolic links; refuses folders, sockets and link loops.
+    pub fn of(path: &Path) -> Result<Self> {
+        // Through fd 1, not a new open of its target: a regular file there would be written
+        // from offset 0 over the process's other output, a pipe has no path to replace.
+        if ["-", "/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"]
+            .iter()
+            .any(|s| path == Path::new(s))
+        {
+            return Ok(Self::Stdout);
+        }
+        // Other descriptors and kernel files are written in place, never replaced.
+        if (path.starts_with("/dev") || path.starts_with("/proc")) && path.exists() {
+            return Ok(Self::Direct(path.to_path_buf()));
+        }
+        let mut current = path.to_path_buf();
+        for _ in 0..MAX_LINKS {
+            let meta = match std::fs::symlink_metadata(&current) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(Self::Replace(current))
+                }
+                Err(source) => {
+                    return Err(Error::Io {
+                        path: current,
+                        source,
+                    })
+                }
+                Ok(meta) => meta,
+            };
+            let kind = meta.file_type();
+            if kind.is_symlink() {
+                let link = std::fs::read_link(&current).map_err(io_error(&current))?;
+                current = match current.parent() {
+                    Some(dir) => dir.join(link),
+                    None => link,
+                };
+                continue;
+            }
+            if kind.is_file() {
+                return Ok(Self::Replace(current));
+            }
+            if is_device_or_fifo(&kind) {
+                return Ok(Self::Direct(current));
+            }
+            let what = if kind.is_dir() {
+                "a folder"
+            } else {
+                "not a regular file"
+            };
+            return Err(Error::Invalid(format!(
+                "{}: {what}; refusing to replace it",
+                path.display()
+            )));
+        }
+        Err(Error::Invalid(format!(
+            "{}: more than {MAX_LINKS} symbolic links deep (a loop?)",
+            path.display()
+        )))
+    }
+
+    /// Where the content is produced: beside the file it replaces, else in the temporary
+    /// folder (then copied to the device, FIFO or standard output).
+    fn temporary(&self) -> Result<(PathBuf, Option<PathBuf>)> {
+        match self {
+            Self::Replace(path) => temporary_tracked(path),
+            Self::Direct(_) | Self::Stdout => {
+                let dir = std::env::temp_dir();
+                Ok((
+                    dir.join(format!(".retinanet-out.{}.tmp", unique_suffix())),
+                    None,
+                ))
+            }
+        }
+    }
+
+    /// Makes the finished temporary `tmp` the content of this destination.
+    fn finish(&self, tmp: TempGuard) -> Result<()> {
+        match self {
+            Self::Replace(path) => tmp.persist(path),
+            Self::Direct(path) => {
+                let bytes = std::fs::read(tmp.path()).map_err(io_error(tmp.path()))?;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(io_error(path))?;
+                f.write_all(&bytes).map_err(io_error(path))?;
+                f.flush().map_err(io_error(path))
+            }
+            Self::Stdout => {
+                let bytes = std::fs::read(tmp.path()).map_err(io_error(tmp.path()))?;
+                write_stdout(&bytes)
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+fn is_device_or_fifo(kind: &std::fs::FileType) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    kind.is_char_device() || kind.is_block_device() || kind.is_fifo()
+}
+
+#[cfg(not(unix))]
+fn is_device_or_fifo(_: &std::fs::FileType) -> bool {
+    false
+}
+
+/// Writes `bytes` to standard output and flushes; the error names `-`. A closed pipe is an
+/// error of kind [`std::io::ErrorKind::BrokenPipe`] ([`is_broken_pipe`]).
+pub fn write_stdout(bytes: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::BrokenPipe => io_error(Path::new("-"))(e),
+            _ => Error::Invalid(format!("cannot write to standard output: {e}")),
+        })
+}
+
+/// Whether `error` (or an error it wraps) is a write to a closed pipe, which a command
+/// ends quietly on (`detect … | head`).
+pub fn is_broken_pipe(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        let io = e.downcast_ref::<std::io::Error>();
+        if io.is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// Writes `bytes` to `path` as its [`Destination`] says, creating its folder if needed.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, |tmp| write_synced(tmp, bytes))
+    write_atomic_with(path, |tmp| write_new(tmp, bytes))
 }
 
-/// Writes and syncs a new file, so that the rename after it never exposes unwritten data.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Writes a new file ([`Staged::write_with`] syncs it before the rename).
+fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(path).map_err(io_error(path))?;
-    f.write_all(bytes).map_err(io_error(path))?;
-    f.sync_all().map_err(io_error(path))
+    f.write_all(bytes).map_err(io_error(path))
 }
 
-/// Runs `write` on a temporary path beside `path`, then renames it over `path`; on failure
-/// the temporary is removed and `path` is untouched.
+/// Runs `write` on a temporary path, then makes it the content of `path` as its
+/// [`Destination`] says; on failure the temporary is removed, `path` is untouched and a
+/// folder created for it is removed again.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let guard = TempGuard::new(temporary_for(path)?);
-    write(guard.path())?;
-    guard.persist(path)
+    let mut staged = Staged::default();
+    staged.write_with(path, write)?;
+    staged.commit()
 }
 
 /// A fresh hidden temporary name beside `path` (`.NAME.PID-N.tmp`), its folder created.
 pub fn temporary_for(path: &Path) -> Result<PathBuf> {
+    Ok(temporary_tracked(path)?.0)
+}
+
+/// As [`temporary_for`], with the topmost folder it created, if any.
+fn temporary_tracked(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+    let created = create_dir_tracked(&dir)?;
     let name = path
         .file_name()
         .ok_or_else(|| Error::Invalid(format!("{}: not a file path", path.display())))?;
-    Ok(dir.join(format!(
+    let tmp = dir.join(format!(
         ".{}.{}.tmp",
         name.to_string_lossy(),
         unique_suffix()
-    )))
+    ));
+    Ok((tmp, created))
+}
+
+/// Creates `dir` and its missing parents; returns the topmost one it created.
+fn create_dir_tracked(dir: &Path) -> Result<Option<PathBuf>> {
+    let top = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .last();
+    let top = top.map(Path::to_path_buf);
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    Ok(top)
+}
+
+/// Removes `dir` and its parents up to `top` while they are empty (folders this module
+/// created for files that were never written).
+fn remove_empty_dirs(dir: &Path, top: &Path) {
+    for d in dir.ancestors() {
+        if std::fs::remove_dir(d).is_err() || d == top {
+            break;
+        }
+    }
+}
+
+/// Removes temporaries this module left in `dir` (`.NAME.PID-N.tmp`) when killed, those of
+/// processes no longer running; returns their names. Where running processes cannot be
+/// told (no `/proc`), every temporary but this process's counts as stale: call it on a
+/// folder this process owns, such as a training run's output.
+pub fn remove_stale_temporaries(dir: &Path) -> Result<Vec<String>> {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        r => r.map_err(io_error(dir))?,
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io_error(dir))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = temporary_pid(&name) else {
+            continue;
+        };
+        if pid != std::process::id() && !process_running(pid) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(io_error(&path))?;
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// The process id in a temporary's name `.NAME.PID-N.tmp`.
+fn temporary_pid(name: &str) -> Option<u32> {
+    let stem = name.strip_prefix('.')?.strip_suffix(".tmp")?;
+    let (_, suffix) = stem.rsplit_once('.')?;
+    let (pid, n) = suffix.split_once('-')?;
+    n.parse::<usize>().ok()?;
+    pid.parse().ok()
+}
+
+fn process_running(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    proc.is_dir() && proc.join(pid.to_string()).exists()
 }
 
 /// A name unique among this process's temporaries: the process id and a counter.
@@ -84,6 +304,7 @@ impl TempGuard {
     pub fn persist(mut self, dest: &Path) -> Result<()> {
         std::fs::rename(self.path(), dest).map_err(io_error(dest))?;
         self.disarm();
+        sync_parent(dest);
         Ok(())
     }
 }
@@ -100,11 +321,19 @@ impl Drop for TempGuard {
     }
 }
 
-/// Several files written to temporaries and renamed into place together by
-/// [`Staged::commit`], once all succeeded; dropped uncommitted, it removes them all.
+/// Several files written to temporaries and made current by [`Staged::commit`], once all
+/// succeeded; dropped uncommitted, it removes them all, and the folders it created for them.
 #[derive(Debug, Default)]
 pub struct Staged {
-    files: Vec<(TempGuard, PathBuf)>,
+    files: Vec<StagedFile>,
+}
+
+#[derive(Debug)]
+struct StagedFile {
+    tmp: TempGuard,
+    dest: Destination,
+    /// The topmost folder created for the file, removed again if it stays empty.
+    created: Option<PathBuf>,
 }
 
 impl Staged {
@@ -114,16 +343,20 @@ impl Staged {
         dest: &Path,
         write: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<()> {
+        let dest = Destination::of(dest)?;
+        let (tmp, created) = dest.temporary()?;
         // Guarded before writing, so a failed write is cleaned up too.
-        let guard = TempGuard::new(temporary_for(dest)?);
-        let tmp = guard.path().to_path_buf();
-        self.files.push((guard, dest.to_path_buf()));
-        write(&tmp)
+        let tmp = TempGuard::new(tmp);
+        let path = tmp.path().to_path_buf();
+        self.files.push(StagedFile { tmp, dest, created });
+        write(&path)?;
+        // Whatever `write` did (an encoder, a copy), the data is on disk before the rename.
+        sync(&path)
     }
 
     /// Writes `bytes` as the future `dest`.
     pub fn write(&mut self, dest: &Path, bytes: &[u8]) -> Result<()> {
-        self.write_with(dest, |tmp| write_synced(tmp, bytes))
+        self.write_with(dest, |tmp| write_new(tmp, bytes))
     }
 
     /// Encodes `image` as the future `dest`, in the format its extension names.
@@ -138,13 +371,42 @@ impl Staged {
         })
     }
 
-    /// Renames every file into place, in the order written.
+    /// Makes every file current, in the order written.
     pub fn commit(mut self) -> Result<()> {
-        for (guard, dest) in std::mem::take(&mut self.files) {
-            guard.persist(&dest)?;
+        for file in std::mem::take(&mut self.files) {
+            file.dest.finish(file.tmp)?;
         }
         Ok(())
     }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        for file in std::mem::take(&mut self.files) {
+            let dir = file.tmp.path().parent().map(Path::to_path_buf);
+            drop(file.tmp);
+            if let (Some(dir), Some(top)) = (dir, file.created) {
+                remove_empty_dirs(&dir, &top);
+            }
+        }
+    }
+}
+
+/// Syncs the folder holding `path`, so that a rename into it survives a power cut. Best
+/// effort: not every platform or file system can sync a folder.
+fn sync_parent(path: &Path) {
+    #[cfg(unix)]
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+}
+
+/// Syncs a written file to disk.
+fn sync(path: &Path) -> Result<()> {
+    let f = std::fs::File::open(path).map_err(io_error(path))?;
+    f.sync_all().map_err(io_error(path))
 }
 
 fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
@@ -204,5 +466,109 @@ mod tests {
         staged.write(&b, b"b").unwrap();
         staged.commit().unwrap();
         assert_eq!(entries(&dir_b), ["b.bin"]);
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_symlink_is_written_through_and_kept() {
+        let target = scratch("target.json");
+        let dir = target.parent().unwrap().to_path_buf();
+        write_atomic(&target, b"old").unwrap();
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink("target.json", &link).unwrap();
+        write_atomic(&link, b"new").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        // A dangling link creates its target.
+        let dangling = dir.join("dangling.json");
+        std::os::unix::fs::symlink("made.json", &dangling).unwrap();
+        write_atomic(&dangling, b"made").unwrap();
+        assert_eq!(std::fs::read(dir.join("made.json")).unwrap(), b"made");
+        assert_eq!(
+            entries(&dir),
+            ["dangling.json", "link.json", "made.json", "target.json"]
+        );
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn devices_are_written_in_place_and_folders_refused() {
+        assert_eq!(
+            Destination::of(Path::new("/dev/null")).unwrap(),
+            Destination::Direct("/dev/null".into())
+        );
+        write_atomic(Path::new("/dev/null"), b"gone").unwrap();
+        let full = write_atomic(Path::new("/dev/full"), b"x").unwrap_err();
+        assert!(full.to_string().starts_with("/dev/full: "), "{full}");
+        assert_eq!(
+            Destination::of(Path::new("-")).unwrap(),
+            Destination::Stdout
+        );
+        assert_eq!(
+            Destination::of(Path::new("/dev/stdout")).unwrap(),
+            Destination::Stdout
+        );
+        assert_eq!(
+            Destination::of(Path::new("/dev/stderr")).unwrap(),
+            Destination::Direct("/dev/stderr".into())
+        );
+        let dir = scratch("d");
+        std::fs::create_dir(&dir).unwrap();
+        let err = write_atomic(&dir, b"x").unwrap_err().to_string();
+        assert!(err.contains("a folder; refusing to replace it"), "{err}");
+        assert!(dir.is_dir());
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_fifo_gets_the_bytes_and_stays_a_fifo() {
+        let fifo = scratch("pipe");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if !made.is_ok_and(|s| s.success()) {
+            eprintln!("skipped: no mkfifo");
+            return;
+        }
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        write_atomic(&fifo, b"through the pipe").unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        use std::os::unix::fs::FileTypeExt;
+        assert!(std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+    }
+
+    #[test]
+    fn a_folder_created_for_a_failed_write_is_removed() {
+        let root = scratch("root");
+        let dest = root.join("a/b/out.png");
+        let err = write_atomic_with(&dest, |_| Err(Error::Invalid("no".into())));
+        assert!(err.is_err());
+        assert!(!root.exists(), "created folders removed");
+        write_atomic(&dest, b"png").unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"png");
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn stale_temporaries_of_dead_processes_are_removed() {
+        let keep = scratch("keep.bin");
+        let dir = keep.parent().unwrap().to_path_buf();
+        std::fs::write(&keep, b"k").unwrap();
+        // Process ids above the kernel's limit (2^22) are never running.
+        std::fs::write(dir.join(".last.safetensors.4999999-0.tmp"), b"stale").unwrap();
+        let mine = dir.join(format!(".x.{}.tmp", unique_suffix()));
+        std::fs::write(&mine, b"mine").unwrap();
+        let removed = remove_stale_temporaries(&dir).unwrap();
+        assert_eq!(removed, [".last.safetensors.4999999-0.tmp"]);
+        assert!(mine.exists() && keep.exists());
+        assert_eq!(temporary_pid(".a.b.c.12-3.tmp"), Some(12));
+        assert_eq!(temporary_pid(".a.tmp"), None);
     }
 }

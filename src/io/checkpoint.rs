@@ -53,7 +53,10 @@ pub fn canonical_name(name: &str) -> Option<String> {
     // DeepForest's older Hub revisions (and its Lightning checkpoints) nest the model under
     // `model.`; its `_strip_legacy_prefix` drops it the same way.
     let name = name.strip_prefix("model.").unwrap_or(name);
-    if name.ends_with("num_batches_tracked") {
+    // Training checkpoints carry the optimiser's state beside the model.
+    if name.ends_with("num_batches_tracked")
+        || name.starts_with(crate::train::checkpoint::OPTIMIZER_PREFIX)
+    {
         return None;
     }
     let parts: Vec<&str> = name.split('.').collect();
@@ -82,11 +85,24 @@ impl Checkpoint {
                 message: "no such file".into(),
             });
         }
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
-        let (store, raw) = match ext {
-            "safetensors" => open_safetensors(&path)?,
-            "pth" | "pt" | "bin" | "ckpt" => open_pth(&path)?,
-            _ => open_safetensors(&path).or_else(|_| open_pth(&path))?,
+        // The content decides, not the name: a safetensors file renamed `.pth` is common.
+        let (store, raw) = match sniff(&path)? {
+            Some(Kind::Safetensors) => open_safetensors(&path)?,
+            Some(Kind::Zip) => open_pth(&path)?,
+            Some(Kind::LegacyPickle) => {
+                return Err(Error::Checkpoint {
+                    path,
+                    message: "a legacy (pre-1.6, non-zip) torch.save file: re-save it with \
+                              torch.save in PyTorch ≥ 1.6, or convert it to safetensors"
+                        .into(),
+                })
+            }
+            None => {
+                return Err(Error::Checkpoint {
+                    path,
+                    message: "neither safetensors nor a zip-format .pth (by content)".into(),
+                })
+            }
         };
         let metadata = match store {
             Store::Safetensors(_) => read_safetensors_metadata(&path)?,
@@ -158,7 +174,12 @@ impl Checkpoint {
             }
         };
         match (get("min_size")?, get("max_size")?) {
-            (Some(min), Some(max)) if min > 0 && max >= min => Ok(Some((min, max))),
+            (Some(min), Some(max)) if min > 0 && max >= min => {
+                // A downloaded file controls these: bound them before any buffer is sized.
+                let source = format!("{}: metadata", self.inner.path.display());
+                crate::limits::check_input_size(min, max, &source)?;
+                Ok(Some((min, max)))
+            }
             (None, None) => Ok(None),
             (min, max) => Err(self.err(format!(
                 "metadata `min_size` {min:?} and `max_size` {max:?} do not make an input size"
@@ -187,8 +208,7 @@ impl Checkpoint {
         let (stored, _) = &self.inner.tensors[name];
         let t = match &self.inner.store {
             Store::Safetensors(st) => st.load(stored, device)?,
-            Store::Pth(pth) => pth
-                .get(stored)?
+            Store::Pth(pth) => contain(&self.inner.path, || pth.get(stored))??
                 .ok_or_else(|| self.err(format!("tensor `{stored}` vanished")))?
                 .to_device(device)?,
         };
@@ -354,6 +374,63 @@ impl TensorStore for Served {
 
 type RawList = Vec<(String, Vec<usize>)>;
 
+thread_local! {
+    /// Set while [`contain`] runs on this thread: its panics are errors, not messages.
+    static CONTAINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `read` (Candle's `.pth` reader), turning a panic inside it into an error naming
+/// `path`: the reader indexes into what a malformed pickle says (found by `tests/fuzz.rs`).
+/// The panic message is kept off standard error for this thread only; other panics still
+/// reach the previous hook.
+fn contain<T>(path: &Path, read: impl FnOnce() -> T) -> Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !CONTAINED.with(|c| c.get()) {
+                previous(info);
+            }
+        }));
+    });
+    let was = CONTAINED.with(|c| c.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
+    CONTAINED.with(|c| c.set(was));
+    result.map_err(|_| Error::Checkpoint {
+        path: path.to_path_buf(),
+        message: "malformed .pth: its pickle does not describe tensors as torch.save writes \
+                  them"
+            .into(),
+    })
+}
+
+/// A checkpoint file's format by its first bytes.
+enum Kind {
+    /// An 8-byte little-endian header length, then a JSON object.
+    Safetensors,
+    /// A zip archive: PyTorch ≥ 1.6's `torch.save`.
+    Zip,
+    /// A bare pickle (protocol 2+): older `torch.save`.
+    LegacyPickle,
+}
+
+fn sniff(path: &Path) -> Result<Option<Kind>> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(9);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(9).read_to_end(&mut head))
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(match head.as_slice() {
+        [b'P', b'K', 3, 4, ..] => Some(Kind::Zip),
+        [0x80, 2..=5, ..] => Some(Kind::LegacyPickle),
+        [_, _, _, _, _, _, _, _, b'{'] => Some(Kind::Safetensors),
+        _ => None,
+    })
+}
+
 fn open_safetensors(path: &Path) -> Result<(Store, RawList)> {
     // SAFETY: the file is mapped read-only; like every mmap reader we assume it is not
     // truncated while in use.
@@ -374,10 +451,11 @@ fn open_pth(path: &Path) -> Result<(Store, RawList)> {
         path: path.to_path_buf(),
         message,
     };
+    crate::io::pickle::check_pth(path)?;
     // A bare state dict, or one nested under a usual key of training checkpoints.
     let mut last_err = None;
     for key in [None, Some("model"), Some("state_dict")] {
-        match PthTensors::new(path, key) {
+        match contain(path, || PthTensors::new(path, key))? {
             Ok(pth) if !pth.tensor_infos().is_empty() => {
                 let raw = pth
                     .tensor_infos()
@@ -409,8 +487,16 @@ fn read_safetensors_metadata(path: &Path) -> Result<HashMap<String, String>> {
     let mut f = std::fs::File::open(path).map_err(io)?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(io)?;
-    let len = u64::from_le_bytes(len) as usize;
-    let mut header = vec![0u8; len];
+    let len = u64::from_le_bytes(len);
+    // The length comes from the file: check it against the file before allocating.
+    let size = f.metadata().map_err(io)?.len();
+    if len > size.saturating_sub(8) {
+        return Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("bad safetensors header: {len} bytes long in a {size}-byte file"),
+        });
+    }
+    let mut header = vec![0u8; len as usize];
     f.read_exact(&mut header).map_err(io)?;
     #[derive(serde::Deserialize)]
     struct Header {
@@ -443,6 +529,23 @@ mod tests {
         let bytes = safetensors::serialize([("x", &t)], Some(meta)).unwrap();
         std::fs::write(&path, bytes).unwrap();
         (Checkpoint::open(&path).unwrap(), path)
+    }
+
+    #[test]
+    fn the_content_decides_the_format_and_bad_headers_are_errors() {
+        let (_, path) = with_metadata("renamed", &[("bn_eps", "0")]);
+        let pth = path.with_extension("pth");
+        std::fs::copy(&path, &pth).unwrap();
+        assert!(Checkpoint::open(&pth).unwrap().shape("x").is_some());
+        // A header length far beyond the file: an error, nothing allocated.
+        let huge = path.with_file_name("huge.safetensors");
+        std::fs::write(&huge, [&[0xFF; 7][..], &[0x7F], b"{}"].concat()).unwrap();
+        let e = Checkpoint::open(&huge).unwrap_err().to_string();
+        assert!(e.contains("huge.safetensors"), "{e}");
+        let legacy = path.with_file_name("legacy.pth");
+        std::fs::write(&legacy, b"\x80\x02}q\x00.").unwrap();
+        let e = Checkpoint::open(&legacy).unwrap_err().to_string();
+        assert!(e.contains("legacy") && e.contains("torch.save"), "{e}");
     }
 
     #[test]

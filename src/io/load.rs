@@ -71,12 +71,24 @@ impl LoadOptions {
             _ => ckpt.input_size()?,
         };
         let (min, max) = trained.unwrap_or((self.transform.min_size, self.transform.max_size));
+        let (min_size, max_size) = (self.min_size.unwrap_or(min), self.max_size.unwrap_or(max));
+        let source = format!("input size for {}", ckpt.path().display());
+        crate::limits::check_input_size(min_size, max_size, &source)?;
         Ok(TransformConfig {
-            min_size: self.min_size.unwrap_or(min),
-            max_size: self.max_size.unwrap_or(max),
+            min_size,
+            max_size,
             ..self.transform.clone()
         })
     }
+}
+
+/// A NaN or negative eps gives no detections without a word: refuse it, naming its source.
+fn check_bn_eps(eps: f64, from_options: bool, ckpt: &Checkpoint) -> Result<()> {
+    let source = match from_options {
+        true => "bn_eps (--bn-eps)".to_string(),
+        false => format!("{}: metadata `bn_eps`", ckpt.path().display()),
+    };
+    crate::limits::check_non_negative(eps, &source)
 }
 
 impl RetinaNet {
@@ -95,12 +107,15 @@ impl RetinaNet {
         if let Some(eps) = opts.bn_eps {
             config.bn_eps = eps;
         }
+        check_bn_eps(config.bn_eps, opts.bn_eps.is_some(), &ckpt)?;
+        // Checked before the (costly) build.
+        let transform = opts.transform_for(&ckpt)?;
         let mut model = ckpt.build(opts.dtype, device, |vb| Self::new(&config, vb))?;
         model.set_kernels(opts.kernels)?;
         if opts.fuse {
             model.fuse_for_inference_with(opts.precision)?;
         }
-        model.transform = opts.transform_for(&ckpt)?;
+        model.transform = transform;
         model.postprocess = opts.postprocess.clone();
         if let Some(names) = class_names(&ckpt, config.num_classes)? {
             model.set_class_names(names)?;

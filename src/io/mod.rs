@@ -7,5 +7,6 @@ pub mod checkpoint;
 pub mod hub;
 pub mod hub_repo;
 pub mod load;
+pub mod pickle;
 pub mod results;
 pub mod zoo;

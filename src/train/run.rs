@@ -116,7 +116,11 @@ impl RunConfig {
     pub fn check_resumable(&self, out: &Path) -> Result<()> {
         let path = Self::path(out);
         let text = std::fs::read(&path).map_err(|_| {
-            Error::Invalid(format!("--resume: no run to continue in {}", out.display()))
+            Error::Invalid(format!(
+                "--resume: no run to continue in {} (no run.json: stopped before it began? \
+                 start it without --resume)",
+                out.display()
+            ))
         })?;
         let old: RunConfig = serde_json::from_slice(&text).map_err(|e| invalid(&path, e))?;
         if &old != self {
@@ -258,6 +262,12 @@ pub fn load_datasets(
 /// set's.
 pub fn num_classes(requested: Option<usize>, train: &Dataset) -> Result<usize> {
     let n = train.num_classes();
+    if n == 0 && requested.is_none_or(|k| k == 0) {
+        return Err(Error::Invalid(format!(
+            "{}: the training data names no classes",
+            train.source.display()
+        )));
+    }
     match requested {
         Some(k) if k < n => Err(Error::Invalid(format!(
             "--num-classes {k} but the data has {n} classes"
@@ -324,10 +334,17 @@ pub fn open_trainer(
     device: &Device,
 ) -> Result<(Trainer, Option<InitReport>)> {
     let last = out.join("last.safetensors");
-    let (mut trainer, report) = if resume {
+    let (mut trainer, report) = if resume && last.exists() {
         run_config.check_resumable(out)?;
         let trainer = Trainer::resume(&last, &model_config, config, device)?;
         (trainer, None)
+    } else if resume {
+        // Stopped before its first checkpoint: the same settings start it again.
+        run_config.check_resumable(out)?;
+        let (trainer, mut report) = Trainer::new(&model_config, &start, config, device)?;
+        let note = "no checkpoint yet (stopped before the first): the run starts again";
+        report.notes.push(note.into());
+        (trainer, Some(report))
     } else if last.exists() {
         return Err(Error::Invalid(format!(
             "{} holds a run: pass --resume to continue it, or choose another --out",
@@ -359,7 +376,8 @@ pub fn finish(
     metrics: &mut Metrics,
     batches_per_epoch: usize,
 ) -> Result<Option<Value>> {
-    trainer.save(out.join("final.safetensors"))?;
+    // The final model ships without the optimiser state that `last.safetensors` keeps.
+    trainer.export(out.join("final.safetensors"), candle_core::DType::F32)?;
     if f16 {
         trainer.export(out.join("final.f16.safetensors"), candle_core::DType::F16)?;
     }
@@ -572,6 +590,7 @@ pub fn train_loop(
     let bpe = loader.batches_per_epoch();
     let first = trainer.step_count();
     let every = config.checkpoint_every.unwrap_or(bpe);
+    check_loader_position(&config.out.join("last.safetensors"), first, bpe)?;
     // Batches depend only on (seed, epoch, ids): skipping reproduces an uninterrupted run.
     let mut batches = loader.stream(first / bpe).skip(first % bpe);
     let mut speed = Speed::default();
@@ -605,10 +624,51 @@ pub fn train_loop(
             metrics.push(record);
         }
         if done.is_multiple_of(every) || done == config.stop {
-            trainer.save(config.out.join("last.safetensors"))?;
+            // Metrics first: records past the checkpoint's step are dropped on resume, while
+            // a checkpoint ahead of its metrics would lose records.
             metrics.flush()?;
+            let position = loader_position(done, bpe);
+            trainer.save_with(config.out.join("last.safetensors"), position)?;
             report(Event::Checkpoint(metrics))?;
         }
+    }
+    Ok(())
+}
+
+/// The checkpoint metadata `loader`: where the loader stands after `done` steps of
+/// `batches_per_epoch` (its order and flips derive from the seed and the epoch).
+fn loader_position(
+    done: usize,
+    batches_per_epoch: usize,
+) -> std::collections::HashMap<String, String> {
+    let position = json!({
+        "epoch": done / batches_per_epoch,
+        "batch": done % batches_per_epoch,
+        "batches_per_epoch": batches_per_epoch,
+    });
+    [("loader".to_string(), position.to_string())].into()
+}
+
+/// On resume from `last` after `done` steps: the loader must stand where the checkpoint
+/// says (it does unless the data changed under the run).
+fn check_loader_position(last: &Path, done: usize, batches_per_epoch: usize) -> Result<()> {
+    if done == 0 || !last.is_file() {
+        return Ok(());
+    }
+    let ckpt = Checkpoint::open(last)?;
+    let Some(saved) = ckpt.metadata().get("loader") else {
+        return Ok(());
+    };
+    let expected = &loader_position(done, batches_per_epoch)["loader"];
+    let same = serde_json::from_str::<Value>(saved).ok() == serde_json::from_str(expected).ok();
+    if !same {
+        return Err(Error::Checkpoint {
+            path: last.to_path_buf(),
+            message: format!(
+                "the loader stood at {saved} when saved, it would now stand at {expected}: \
+                 has the training data changed?"
+            ),
+        });
     }
     Ok(())
 }

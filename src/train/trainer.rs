@@ -27,7 +27,8 @@ use candle_core::{DType, Device};
 use image::RgbImage;
 
 use super::checkpoint::{
-    optim_path, read_safetensors, step_of, write_safetensors, write_safetensors_as,
+    optimizer_state, step_of, write_safetensors, write_safetensors_as, OPTIMIZER_KEY,
+    OPTIMIZER_PREFIX,
 };
 use super::optim::{clip_grad_norm, Sgd, SgdConfig};
 use super::params::{
@@ -222,18 +223,10 @@ impl Trainer {
         validate(&config, model_config)?;
         let values = load_exact(model_config, path)?;
         let mut trainer = Self::from_values(model_config, values, config, device)?;
-        let (_, meta) = read_safetensors(path, &Device::Cpu)?;
+        let meta = crate::Checkpoint::open(path)?.metadata().clone();
         let step = step_of(path, &meta)?;
-        let opath = optim_path(path);
-        let (buffers, ometa) = read_safetensors(&opath, device)?;
-        let ostep = step_of(&opath, &ometa)?;
-        if ostep != step {
-            return Err(Error::Checkpoint {
-                path: opath,
-                message: format!("optimiser state is at step {ostep}, the model at step {step}"),
-            });
-        }
-        trainer.sgd.set_buffers(buffers.into_iter().collect())?;
+        let buffers = optimizer_state(path, step, device)?;
+        trainer.sgd.set_buffers(buffers)?;
         if let Some(names) = crate::Checkpoint::open(path)?.class_names()? {
             trainer.model.set_class_names(names)?;
         }
@@ -373,20 +366,31 @@ impl Trainer {
         }
     }
 
-    /// Writes the model to `path` (a safetensors file [`RetinaNet::load`] reads, with
-    /// `bn_eps`, `class_names` and `step` metadata) and the optimiser state beside it
-    /// ([`super::checkpoint::optim_path`]), each atomically.
+    /// Writes a checkpoint to `path`: one safetensors file that [`RetinaNet::load`] reads as a
+    /// model (metadata `bn_eps`, `class_names`, `step`, input size) and that also holds the
+    /// optimiser state ([`super::checkpoint`]); atomically, the previous file kept until
+    /// the new one is complete.
     pub fn save(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        self.save_with(path, HashMap::new())
+    }
+
+    /// As [`Trainer::save`], with `extra` metadata (a run's loader position).
+    pub fn save_with(
+        &mut self,
+        path: impl AsRef<Path>,
+        extra: HashMap<String, String>,
+    ) -> Result<()> {
         let path = path.as_ref();
-        let step = self.step.to_string();
-        let mut ometa = HashMap::new();
-        ometa.insert("step".to_string(), step);
-        ometa.insert(
-            "sgd".to_string(),
-            serde_json::to_string(&self.sgd.config()).unwrap_or_default(),
-        );
-        write_safetensors(&optim_path(path), self.sgd.buffers(), ometa)?;
-        write_safetensors(path, &self.params.tensors(), self.model_metadata())?;
+        let mut tensors = self.params.tensors();
+        for (name, buffer) in self.sgd.buffers() {
+            tensors.insert(format!("{OPTIMIZER_PREFIX}{name}"), buffer.clone());
+        }
+        let mut meta = self.model_metadata();
+        let sgd = serde_json::to_string(&self.sgd.config())
+            .map_err(|e| Error::Invalid(format!("cannot record the optimiser settings: {e}")))?;
+        meta.insert(OPTIMIZER_KEY.to_string(), sgd);
+        meta.extend(extra);
+        write_safetensors(path, &tensors, meta)?;
         self.last_checkpoint = Some(path.to_path_buf());
         Ok(())
     }
