@@ -18,6 +18,7 @@ use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Parser;
 use retinanet::device::DeviceChoice;
+use retinanet::kernels::profile;
 use retinanet::train::{LrSchedule, Start, Target, TrainConfig, Trainer};
 use retinanet::{Checkpoint, Kernels, LoadOptions, RetinaNet, RetinaNetConfig, TransformConfig};
 
@@ -60,6 +61,10 @@ struct Args {
     /// native (this crate's CPU kernels) or candle (Candle's ops, the GPU path).
     #[arg(long, default_value_t = Kernels::Native)]
     kernels: Kernels,
+    /// Also record the time of each convolution shape and network stage over the timed runs
+    /// (`profile` in the JSON line, and a table on standard error).
+    #[arg(long)]
+    profile: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -86,6 +91,9 @@ fn time_runs(args: &Args, device: &Device, mut f: impl FnMut() -> Result<()>) ->
         f()?;
         device.synchronize()?;
     }
+    if args.profile {
+        profile::enable();
+    }
     (0..args.runs)
         .map(|_| {
             let t = Instant::now();
@@ -108,6 +116,38 @@ fn bench_targets(width: f32, height: f32, n: usize) -> Vec<Target> {
             labels: vec![1, 3],
         })
         .collect()
+}
+
+/// What [`profile`] recorded over `runs` runs, slowest first, as JSON rows (also printed as a
+/// table on standard error).
+fn profile_report(runs: usize) -> serde_json::Value {
+    let mut rows: Vec<_> = profile::snapshot().into_iter().collect();
+    rows.sort_by(|a, b| b.1.seconds.total_cmp(&a.1.seconds));
+    let per_run = |e: &profile::Entry| e.seconds * 1e3 / runs.max(1) as f64;
+    let conv_ms: f64 = rows
+        .iter()
+        .filter(|(name, _)| name.starts_with("conv"))
+        .map(|(_, e)| per_run(e))
+        .sum();
+    eprintln!("| what | calls/run | ms/run | GMAC/s |\n|---|---|---|---|");
+    for (name, e) in &rows {
+        let rate = e.macs / e.seconds.max(1e-12) / 1e9;
+        let calls = e.calls as f64 / runs.max(1) as f64;
+        eprintln!("| {name} | {calls} | {:.1} | {rate:.0} |", per_run(e));
+    }
+    eprintln!("| all convolutions | | {conv_ms:.1} | |");
+    serde_json::Value::Array(
+        rows.iter()
+            .map(|(name, e)| {
+                serde_json::json!({
+                    "name": name,
+                    "calls": e.calls as f64 / runs.max(1) as f64,
+                    "ms": per_run(e),
+                    "gmacs": e.macs / runs.max(1) as f64 / 1e9,
+                })
+            })
+            .collect(),
+    )
 }
 
 fn time_train(args: &Args, device: &Device) -> Result<Vec<f64>> {
@@ -194,9 +234,11 @@ fn main() -> Result<()> {
             m => anyhow::bail!("unknown --mode {m}"),
         }
     };
+    let profile = args.profile.then(|| profile_report(args.runs));
     println!(
         "{}",
         serde_json::json!({
+            "profile": profile,
             "impl": if args.bf16 { "retinanet-bf16" } else { "retinanet" },
             "device": retinanet::device::name(&device),
             "dtype": args.dtype,

@@ -72,14 +72,50 @@ def runner(a, onnx_path):
     core = ov.Core()
     core.set_property("CPU", {"INFERENCE_NUM_THREADS": a.threads,
                               "INFERENCE_PRECISION_HINT": a.precision,
-                              "PERFORMANCE_HINT": "LATENCY"})
+                              "PERFORMANCE_HINT": "LATENCY",
+                              "PERF_COUNT": bool(a.profile)})
     compiled = core.compile_model(str(onnx_path), "CPU")
     request = compiled.create_infer_request()
 
     def run(x):
         request.infer({0: x})
         return [request.get_output_tensor(i).data.copy() for i in range(2)]
+    run.profile = lambda: openvino_profile(compiled, request)
     return run, f"openvino {ov.__version__} {a.precision}"
+
+
+def openvino_profile(compiled, request):
+    """OpenVINO's per-node times of the last inference (PERF_COUNT), summed per convolution
+    shape as examples/bench --profile names them (`conv KxK/S CIN->COUT on HxW`) and per node
+    type for the rest, slowest first."""
+    shapes = {}
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if op.get_friendly_name() and "layerType" in info and str(info["layerType"]) == "Convolution":
+            try:
+                i, o = op.input(0).get_shape(), op.output(0).get_shape()
+                shapes[op.get_friendly_name()] = (i, o)
+            except Exception:  # noqa: BLE001 (dynamic shapes: keep the node's own name)
+                pass
+    rows = {}
+    for p in request.get_profiling_info():
+        ms = p.real_time.total_seconds() * 1e3
+        if p.status.name != "EXECUTED" or ms == 0:
+            continue
+        name = f"{p.node_type} ({p.exec_type})"
+        if p.node_name in shapes:
+            i, o = shapes[p.node_name]
+            stride = max(1, round(i[2] / o[2]))
+            name = f"conv ?x?/{stride} {i[1]}->{o[1]} on {i[2]}x{i[3]} ({p.exec_type})"
+        calls, total = rows.get(name, (0, 0.0))
+        rows[name] = (calls + 1, total + ms)
+    out = [{"name": k, "calls": c, "ms": t} for k, (c, t) in rows.items()]
+    out.sort(key=lambda r: -r["ms"])
+    print("| OpenVINO node | calls | ms |\n|---|---|---|", file=sys.stderr)
+    for r in out:
+        print(f"| {r['name']} | {r['calls']} | {r['ms']:.1f} |", file=sys.stderr)
+    print(f"| all | | {sum(r['ms'] for r in out):.1f} |", file=sys.stderr)
+    return out
 
 
 def main():
@@ -96,6 +132,9 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mode", default="detect", help="accepted for bench.sh; always the network")
+    p.add_argument("--profile", action="store_true",
+                   help="OpenVINO: per-node times of the last run (PERF_COUNT) in the JSON line "
+                        "and as a table on standard error")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     model = load_model(a.weights, a.config, a.min_size, a.max_size)
@@ -117,7 +156,8 @@ def main():
         out = run(xs)
         times.append((time.perf_counter() - t0) * 1e3)
     err = float(np.abs(out[0] - reference).max() / np.abs(reference).max())
-    print(json.dumps({"impl": name, "mode": "network", "batch": a.batch, "min_size": a.min_size,
+    profile = run.profile() if a.profile and hasattr(run, "profile") else None
+    print(json.dumps({"profile": profile, "impl": name, "mode": "network", "batch": a.batch, "min_size": a.min_size,
                       "input": [int(h), int(w)], "ms_median": statistics.median(times), "ms_all": times,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                       "cls_logits_max_rel_err": err}))

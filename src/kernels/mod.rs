@@ -25,6 +25,7 @@ mod epilogue;
 mod host;
 mod im2col;
 mod matmul;
+pub mod profile;
 mod select;
 mod winograd;
 

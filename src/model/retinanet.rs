@@ -6,7 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
 
-use crate::kernels::{self, Kernels, Precision};
+use crate::kernels::{self, profile, Kernels, Precision};
 use crate::model::anchors::AnchorGenerator;
 use crate::model::backbone::ResNet;
 use crate::model::box_coder::BoxCoder;
@@ -235,9 +235,13 @@ impl RetinaNet {
 
     /// Backbone → FPN → head, and the anchors of the feature maps' sizes.
     fn network(&self, batch: &ImageBatch, train: bool, keep: bool) -> Result<RawOutput> {
-        let c = self.backbone.forward_t(&batch.tensor, train)?;
-        let p = self.fpn.forward(&c)?;
-        let (cls_logits, bbox_regression) = self.head.forward(&p)?;
+        let stage = |name: &'static str| move || format!("stage {name}");
+        let c = profile::timed(stage("2 backbone"), 0.0, || {
+            self.backbone.forward_t(&batch.tensor, train)
+        })?;
+        let p = profile::timed(stage("3 fpn"), 0.0, || self.fpn.forward(&c))?;
+        let (cls_logits, bbox_regression) =
+            profile::timed(stage("4 head"), 0.0, || self.head.forward(&p))?;
         let grid_sizes = p
             .iter()
             .map(|f| Ok((f.dim(2)?, f.dim(3)?)))
@@ -267,9 +271,12 @@ impl RetinaNet {
 
     /// Detects objects in a batch of images of any sizes.
     pub fn detect_batch(&self, images: &[RgbImage]) -> Result<Vec<Vec<Detection>>> {
-        let batch = self.preprocess(images)?;
+        let stage = |name: &'static str| move || format!("stage {name}");
+        let batch = profile::timed(stage("1 preprocess"), 0.0, || self.preprocess(images))?;
         let raw = self.forward_raw(&batch)?;
-        self.postprocess(&raw, &batch)
+        profile::timed(stage("5 postprocess"), 0.0, || {
+            self.postprocess(&raw, &batch)
+        })
     }
 
     /// Detects objects in one image.
