@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use retinanet::kernels::{Algorithm, FusedConv2d};
+use retinanet::kernels::{Algorithm, FusedConv2d, Precision};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -36,8 +36,8 @@ fn main() -> Result<()> {
         (64, 256, 1, 1, 200, 272),
         (256, 64, 1, 1, 200, 272),
     ];
-    println!("| conv | ours: Winograd F(4,3) | F(2,3) | gemm only | candle conv2d | plain matmul of the same size |");
-    println!("|---|---|---|---|---|---|");
+    println!("| conv | ours: Winograd F(4,3) | F(2,3) | gemm only | bf16 F(2,3) | bf16 gemm only | candle conv2d | plain matmul of the same size |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (cin, cout, k, s, h, w) in shapes {
         let x = Tensor::randn(0f32, 1.0, (1, cin, h, w), &dev)?;
         let wt = Tensor::randn(0f32, 0.1, (cout, cin, k, k), &dev)?;
@@ -59,6 +59,19 @@ fn main() -> Result<()> {
             direct.forward(&x, None, true)?;
             Ok(())
         })?;
+        // bf16 products (CPUs with AVX512-BF16): F(2,3) where eligible, and tap/im2col
+        // products alone.
+        let bf16 = |algorithm| -> Result<Option<f64>> {
+            if !retinanet::kernels::bf16::supported() {
+                return Ok(None);
+            }
+            let c = FusedConv2d::with_options(&wt, &b, (s, k / 2), algorithm, Precision::Bf16)?;
+            Ok(Some(time(|| {
+                c.forward(&x, None, true)?;
+                Ok(())
+            })?))
+        };
+        let (bf16_f2, bf16_direct) = (bf16(Algorithm::Winograd2)?, bf16(Algorithm::Gemm)?);
         let candle = time(|| {
             x.conv2d(&wt, k / 2, s, 1, 1)?;
             Ok(())
@@ -69,11 +82,14 @@ fn main() -> Result<()> {
             a.matmul(&bm)?;
             Ok(())
         })?;
+        let rate = |t: Option<f64>| t.map_or("-".into(), |t| format!("{:.0}", flops / t / 1e9));
         println!(
-            "| {k}x{k} s{s}, {cin}->{cout}, {h}x{w} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            "| {k}x{k} s{s}, {cin}->{cout}, {h}x{w} | {:.0} | {:.0} | {:.0} | {} | {} | {:.0} | {:.0} |",
             flops / ours / 1e9,
             flops / ours_f2 / 1e9,
             flops / ours_direct / 1e9,
+            rate(bf16_f2),
+            rate(bf16_direct),
             flops / candle / 1e9,
             flops / mm / 1e9
         );

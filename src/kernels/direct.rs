@@ -5,11 +5,12 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::bf16::{self, Bf16Weights, Lhs};
+use super::bf16::{self, Bf16Weights, Lhs, PackedB};
 use super::epilogue::Epilogue;
 use super::host::{f32_slice, tune_allocator, SyncPtr};
 use super::im2col::{im2col, pack_taps, pad, pad_to, Geometry};
 use super::matmul::matmul;
+use super::profile;
 use super::winograd::{winograd_input, Spec, TileGrid, Winograd, F2, F4, WINOGRAD_BAND_FLOATS};
 
 /// A convolution with folded bias, ready for the fast CPU path.
@@ -142,10 +143,35 @@ impl FusedConv2d {
         }
         let x = x.contiguous()?;
         let op = ConvOp { conv: self, relu };
-        match residual {
-            None => x.apply_op1_no_bwd(&op),
-            Some(r) => x.apply_op2_no_bwd(&r.contiguous()?.to_dtype(DType::F32)?, &op),
-        }
+        let (n, _, h, w) = x.dims4()?;
+        let (ho, wo) = self.output_size(h, w);
+        let macs = (n * self.cout * self.cin * self.k * self.k * ho * wo) as f64;
+        profile::timed(
+            || self.profile_name(h, w),
+            macs,
+            || match residual {
+                None => x.apply_op1_no_bwd(&op),
+                Some(r) => x.apply_op2_no_bwd(&r.contiguous()?.to_dtype(DType::F32)?, &op),
+            },
+        )
+    }
+
+    /// The shape, input size and algorithm, as [`profile`] records them.
+    fn profile_name(&self, h: usize, w: usize) -> String {
+        let (k, s) = (self.k, self.stride);
+        let algorithm = match &self.winograd {
+            Some(wg) if h * w >= MIN_WINOGRAD_PIXELS => {
+                format!("Winograd F({0}x{0})", wg.spec.t - 2)
+            }
+            _ if k == 1 && s == 1 && self.bf16.is_none() => "pointwise".into(),
+            _ if s == 1 => "taps".into(),
+            _ => "im2col".into(),
+        };
+        let precision = if self.bf16.is_some() { "bf16" } else { "f32" };
+        format!(
+            "conv {k}x{k}/{s} {}->{} on {h}x{w}, {algorithm}, {precision}",
+            self.cin, self.cout
+        )
     }
 
     /// One image: `x` is `cin × h × w`; `out` (`cout × ho × wo`) holds the residual on
@@ -185,23 +211,20 @@ impl FusedConv2d {
                 &padded
             };
             let n = (ho - 1) * wp + wo;
-            let tap_len = self.cout * self.cin;
+            // bf16: the input rounded and paired once, each tap a shifted view of it.
+            let packed_input = self
+                .bf16
+                .as_ref()
+                .map(|_| PackedB::new(input, self.cin, hp * wp));
             self.for_each_band(n, self.cin, |q0, nb, dst, _| {
-                for (t, tap) in self.packed.chunks_exact(tap_len).enumerate() {
-                    let offset = (t / k) * wp + t % k + q0;
-                    // SAFETY: the last column read is q0 + nb − 1 + (k−1)·wp + k−1 <
-                    // hp·wp on every input plane.
-                    unsafe {
-                        self.product(
-                            dst,
-                            nb,
-                            t > 0,
-                            (tap, Lhs::Tap(t)),
-                            self.cin,
-                            &input[offset..],
-                            hp * wp,
-                        )
-                    };
+                if let (Some(b), Some(weights)) = (&packed_input, &self.bf16) {
+                    let taps: Vec<_> = (0..k * k)
+                        .map(|t| (weights.get(Lhs::Tap(t)), (t / k) * wp + t % k))
+                        .collect();
+                    // SAFETY: as below; the packed input has room for whole panels.
+                    unsafe { b.gemm_sum(&taps, q0, nb, dst, false) };
+                } else {
+                    self.taps_f32(input, (hp * wp, wp), q0, nb, dst);
                 }
                 epilogue.write(dst, nb, |j| {
                     let q = q0 + j;
@@ -216,6 +239,36 @@ impl FusedConv2d {
                 unsafe { self.product(dst, nb, false, (&self.packed, Lhs::Im2col), kk, cols, nb) };
                 epilogue.write(dst, nb, |j| Some(q0 + j));
             });
+        }
+    }
+
+    /// Stride 1, f32 products (or bf16 ones packed per product): `dst (cout × nb) =
+    /// Σ_t W_t · x[:, q0 + o_t ..]` over the taps, `x` being `cin` padded planes of `plane`
+    /// values `wp` wide.
+    fn taps_f32(
+        &self,
+        x: &[f32],
+        (plane, wp): (usize, usize),
+        q0: usize,
+        nb: usize,
+        dst: &mut [f32],
+    ) {
+        let k = self.k;
+        for (t, tap) in self.packed.chunks_exact(self.cout * self.cin).enumerate() {
+            let offset = (t / k) * wp + t % k + q0;
+            // SAFETY: the last column read is q0 + nb − 1 + (k−1)·wp + k−1 < hp·wp on every
+            // input plane.
+            unsafe {
+                self.product(
+                    dst,
+                    nb,
+                    t > 0,
+                    (tap, Lhs::Tap(t)),
+                    self.cin,
+                    &x[offset..],
+                    plane,
+                )
+            };
         }
     }
 
@@ -391,6 +444,9 @@ impl Precision {
     pub fn algorithm(self) -> Algorithm {
         match self {
             Precision::F32 => Algorithm::Winograd4,
+            // With AMX tiles the products cost less than F(2×2)'s transforms, and direct
+            // products round less.
+            Precision::Bf16 if bf16::tiles() => Algorithm::Gemm,
             Precision::Bf16 => Algorithm::Winograd2,
         }
     }
@@ -585,20 +641,22 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (2, cin, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 0.1, (cout, cin, k, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
-            let fused = |precision: Precision| {
-                FusedConv2d::with_options(&wt, &b, (s, p), precision.algorithm(), precision)
+            let fused = |precision: Precision, algorithm| {
+                FusedConv2d::with_options(&wt, &b, (s, p), algorithm, precision).unwrap()
             };
-            let (f32c, bf) = (
-                fused(Precision::F32).unwrap(),
-                fused(Precision::Bf16).unwrap(),
-            );
+            let f32c = fused(Precision::F32, Precision::F32.algorithm());
             let a = f32c.forward(&x, None, false).unwrap();
-            let o = bf.forward(&x, None, false).unwrap();
-            let rel = max_abs(&(&a - &o).unwrap()) / max_abs(&a);
-            assert!(
-                rel < 1e-2,
-                "k{k} s{s} {cin}->{cout} {h}x{w}: bf16 rel err {rel}"
-            );
+            // bf16's own choice (taps with AMX, else F(2×2)), then the other.
+            for algorithm in [Algorithm::Gemm, Algorithm::Winograd2] {
+                let o = fused(Precision::Bf16, algorithm)
+                    .forward(&x, None, false)
+                    .unwrap();
+                let rel = max_abs(&(&a - &o).unwrap()) / max_abs(&a);
+                assert!(
+                    rel < 1e-2,
+                    "k{k} s{s} {cin}->{cout} {h}x{w} {algorithm:?}: bf16 rel err {rel}"
+                );
+            }
         }
     }
 
