@@ -91,12 +91,14 @@ def openvino_profile(compiled, request):
     shapes = {}
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
-        if op.get_friendly_name() and "layerType" in info and str(info["layerType"]) == "Convolution":
-            try:
-                i, o = op.input(0).get_shape(), op.output(0).get_shape()
-                shapes[op.get_friendly_name()] = (i, o)
-            except Exception:  # noqa: BLE001 (dynamic shapes: keep the node's own name)
-                pass
+        if "layerType" not in info.keys() or info["layerType"].astype(str) != "Convolution":
+            continue
+        try:
+            i, o = op.input(0).get_shape(), op.output(0).get_shape()
+            kernel = op.input(1).get_shape()[-1] if op.get_input_size() > 1 else "?"
+            shapes[op.get_friendly_name()] = (i, o, kernel)
+        except Exception:  # noqa: BLE001 (dynamic shapes: keep the node's own name)
+            pass
     rows = {}
     for p in request.get_profiling_info():
         ms = p.real_time.total_seconds() * 1e3
@@ -104,9 +106,9 @@ def openvino_profile(compiled, request):
             continue
         name = f"{p.node_type} ({p.exec_type})"
         if p.node_name in shapes:
-            i, o = shapes[p.node_name]
+            i, o, k = shapes[p.node_name]
             stride = max(1, round(i[2] / o[2]))
-            name = f"conv ?x?/{stride} {i[1]}->{o[1]} on {i[2]}x{i[3]} ({p.exec_type})"
+            name = f"conv {k}x{k}/{stride} {i[1]}->{o[1]} on {i[2]}x{i[3]} ({p.exec_type})"
         calls, total = rows.get(name, (0, 0.0))
         rows[name] = (calls + 1, total + ms)
     out = [{"name": k, "calls": c, "ms": t} for k, (c, t) in rows.items()]
