@@ -7,26 +7,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-/// `target/<profile>/examples/<name>`, which must be newer than its source.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
-    assert!(
-        modified(&bin).is_some_and(|b| modified(&source).is_some_and(|s| b >= s)),
-        "{} is missing or older than its source: cargo build --release --examples",
-        bin.display()
-    );
-    bin
-}
-
 fn tmp(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("retinanet-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -57,7 +37,7 @@ fn jpeg() -> PathBuf {
 
 /// `detect` on small inputs with `args`.
 fn detect(args: &[&str]) -> Command {
-    let mut cmd = Command::new(bin("detect"));
+    let mut cmd = Command::new(common::example_bin("detect"));
     cmd.arg("--weights").arg(r18());
     cmd.args(["--device", "cpu", "--min-size", "128", "--max-size", "160"]);
     cmd.args(args);
@@ -191,7 +171,7 @@ fn numbers_out_of_range_are_refused_naming_the_flag_or_file() {
         &run(detect(&["--bn-eps", "NaN", img])),
         &["--bn-eps", "NaN"],
     );
-    let mut cmd = Command::new(bin("detect"));
+    let mut cmd = Command::new(common::example_bin("detect"));
     cmd.arg("--weights")
         .arg(r18())
         .args(["--min-size", "100000", img]);
@@ -203,7 +183,7 @@ fn numbers_out_of_range_are_refused_naming_the_flag_or_file() {
         with_metadata(&r18(), &[("min_size", "100000"), ("max_size", "100000")]),
     )
     .unwrap();
-    let mut cmd = Command::new(bin("detect"));
+    let mut cmd = Command::new(common::example_bin("detect"));
     cmd.arg("--weights")
         .arg(&big)
         .args(["--device", "cpu", img]);
@@ -213,7 +193,7 @@ fn numbers_out_of_range_are_refused_naming_the_flag_or_file() {
     );
     let nan = tmp("nan.safetensors");
     std::fs::write(&nan, with_metadata(&r18(), &[("bn_eps", "NaN")])).unwrap();
-    let mut cmd = Command::new(bin("detect"));
+    let mut cmd = Command::new(common::example_bin("detect"));
     cmd.arg("--weights")
         .arg(&nan)
         .args(["--device", "cpu", img]);
@@ -224,7 +204,7 @@ fn numbers_out_of_range_are_refused_naming_the_flag_or_file() {
     // A safetensors file named .pth loads by its content.
     let pth = tmp("really-safetensors.pth");
     std::fs::copy(r18(), &pth).unwrap();
-    let mut cmd = Command::new(bin("detect"));
+    let mut cmd = Command::new(common::example_bin("detect"));
     cmd.arg("--weights").arg(&pth);
     cmd.args([
         "--device",
@@ -256,7 +236,7 @@ fn with_metadata(path: &Path, pairs: &[(&str, &str)]) -> Vec<u8> {
 
 /// `finetune` for one step on `data` (given with its extra flags).
 fn finetune(data: &[&str], extra: &[&str], out: &Path) -> Output {
-    let mut cmd = Command::new(bin("finetune"));
+    let mut cmd = Command::new(common::example_bin("finetune"));
     cmd.args(data).arg("--weights").arg(r18());
     cmd.args(["--steps", "1", "--batch-size", "1", "--device", "cpu"]);
     if !extra.contains(&"--min-size") {
@@ -330,7 +310,7 @@ fn evaluate_refuses_incomplete_ground_truth_and_ends_quietly_on_a_closed_pipe() 
     let gt = tmp("gt-no-annotations.json");
     std::fs::write(&gt, r#"{"images": [{"id": 1}], "categories": [{"id": 1}]}"#).unwrap();
     let evaluate = |gt: &Path| {
-        let mut cmd = Command::new(bin("evaluate"));
+        let mut cmd = Command::new(common::example_bin("evaluate"));
         cmd.arg("--annotations")
             .arg(gt)
             .arg("--detections")

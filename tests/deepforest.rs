@@ -20,7 +20,6 @@ use retinanet::tiling::{
 };
 use retinanet::{Detection, LoadOptions, RetinaNet};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 const COMMIT: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
 
@@ -31,20 +30,6 @@ fn fixtures() -> PathBuf {
 fn reference() -> Value {
     let text = std::fs::read_to_string(fixtures().join("predict_tile.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-df-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Serves `files` as repo `repo` at COMMIT (the API's file list, and each file by commit).
@@ -58,7 +43,7 @@ fn serve_repo(server: &Server, repo: &str, files: &[(&str, Vec<u8>)]) {
     server.serve(&api, info.to_string().into_bytes(), "", COMMIT);
     for (name, body) in files {
         let path = format!("/{repo}/resolve/{COMMIT}/{name}");
-        server.serve(&path, body.clone(), &sha256(body), COMMIT);
+        server.serve(&path, body.clone(), &common::sha256_hex(body), COMMIT);
     }
 }
 
@@ -171,7 +156,7 @@ fn deepforest_repo_by_name_tiles_a_geotiff_like_predict_tile() {
             ("README.md", b"# a model card".to_vec()),
         ],
     );
-    let dir = scratch("repo");
+    let dir = common::scratch_dir("df", "repo");
     let opts = options(&server, &dir);
     let files = hub_repo::fetch_repo(repo, "main", None, &opts).unwrap();
 
@@ -180,7 +165,10 @@ fn deepforest_repo_by_name_tiles_a_geotiff_like_predict_tile() {
     let snapshot = root.join("snapshots").join(COMMIT);
     assert_eq!(files.weights, snapshot.join("model.safetensors"));
     assert_eq!(files.config, Some(snapshot.join("config.json")));
-    assert!(root.join("blobs").join(sha256(&weights)).is_file());
+    assert!(root
+        .join("blobs")
+        .join(common::sha256_hex(&weights))
+        .is_file());
     let refs = std::fs::read_to_string(root.join("refs/main")).unwrap();
     assert_eq!(refs, COMMIT);
     let offline = HubOptions {
@@ -266,7 +254,7 @@ fn legacy_repo_with_a_lone_safetensors_file_matches_predict_tile() {
             ("NEON.pt", b"not read".to_vec()),
         ],
     );
-    let dir = scratch("legacy");
+    let dir = common::scratch_dir("df", "legacy");
     // A private repo: HF_TOKEN goes with the API call and every download.
     let opts = HubOptions {
         hf_token: Some("hf_secret".into()),
@@ -351,7 +339,7 @@ fn geotiffs_stripped_tiled_and_rgba_read_the_png_pixels() {
 #[test]
 fn bad_repo_configs_are_named() {
     let f = fixtures();
-    let dir = scratch("bad-config");
+    let dir = common::scratch_dir("df", "bad-config");
     let config = dir.join("config.json");
     std::fs::write(
         &config,
@@ -378,21 +366,6 @@ fn bad_repo_configs_are_named() {
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// `target/<profile>/examples/<name>`; `cargo test --test deepforest` does not build it.
-fn example_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().join("examples");
-    let bin = dir.join(name);
-    let built = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
-    assert!(
-        built(&bin).is_some_and(|b| built(&source).is_some_and(|s| b >= s)),
-        "{} is missing or older than its source: cargo build --release --example {name}",
-        bin.display()
-    );
-    bin
 }
 
 /// deepforest 2.1.0 loading a repo with `RetinaNetHub.from_pretrained` (offline: the
@@ -436,7 +409,7 @@ fn finetuned_repo_round_trips_through_deepforest() {
             ("model.safetensors", read(f.join("repo/model.safetensors"))),
         ],
     );
-    let dir = scratch("round-trip");
+    let dir = common::scratch_dir("df", "round-trip");
     let png = image::open(f.join("image.png")).unwrap().to_rgb8();
     let crop = image::imageops::crop_imm(&png, 300, 200, 400, 400).to_image();
     crop.save(dir.join("crop.png")).unwrap();
@@ -445,7 +418,7 @@ fn finetuned_repo_round_trips_through_deepforest() {
     std::fs::write(dir.join("boxes.csv"), rows).unwrap();
     let out = dir.join("run");
     let saved = dir.join("saved-repo");
-    let run = Command::new(example_bin("finetune"))
+    let run = Command::new(common::example_bin("finetune"))
         .env("HF_HOME", dir.join("hf"))
         .env("HF_ENDPOINT", &server.url)
         .env_remove("HF_HUB_CACHE")
@@ -531,7 +504,7 @@ fn new_class_count_gives_new_heads_as_adjust_classes() {
         weights: f.join("repo/model.safetensors"),
         config: Some(f.join("repo/config.json")),
     };
-    let dir = scratch("adjust");
+    let dir = common::scratch_dir("df", "adjust");
     let dest = dir.join("start.safetensors");
     let config = hub_repo::training_start(&files, 5, 0, &dest).unwrap();
     assert_eq!(config.unwrap().num_classes, Some(2));
@@ -574,9 +547,9 @@ fn detect_cli_tiles_a_geotiff_from_the_hub_into_geojson_and_csv() {
             ("model.safetensors", read(f.join("repo/model.safetensors"))),
         ],
     );
-    let dir = scratch("cli");
+    let dir = common::scratch_dir("df", "cli");
     let (geojson, csv) = (dir.join("boxes.geojson"), dir.join("boxes.csv"));
-    let run = Command::new(example_bin("detect"))
+    let run = Command::new(common::example_bin("detect"))
         .env("HF_HOME", dir.join("hf"))
         .env("HF_ENDPOINT", &server.url)
         .env_remove("HF_HUB_CACHE")
@@ -626,7 +599,7 @@ fn detect_cli_tiles_a_geotiff_from_the_hub_into_geojson_and_csv() {
 
     // A PNG has no georeference: --geojson refuses it by name.
     let png = f.join("image.png");
-    let run = Command::new(example_bin("detect"))
+    let run = Command::new(common::example_bin("detect"))
         .env("HF_HOME", dir.join("hf"))
         .env("HF_HUB_OFFLINE", "1")
         .args(["--model", &format!("hf:{repo}"), "--max-size", "64"])
@@ -647,12 +620,12 @@ fn detect_cli_tiles_a_geotiff_from_the_hub_into_geojson_and_csv() {
 #[test]
 fn save_repo_refuses_other_architectures_before_training() {
     let f = fixtures();
-    let dir = scratch("save-repo-r18");
+    let dir = common::scratch_dir("df", "save-repo-r18");
     let png = image::open(f.join("image.png")).unwrap().to_rgb8();
     let crop = image::imageops::crop_imm(&png, 0, 0, 200, 200).to_image();
     crop.save(dir.join("crop.png")).unwrap();
     std::fs::write(dir.join("boxes.csv"), "crop.png,10,10,60,60,Tree\n").unwrap();
-    let run = Command::new(example_bin("finetune"))
+    let run = Command::new(common::example_bin("finetune"))
         .args(["--from-scratch", "--depth", "18", "--steps", "1"])
         .arg("--data")
         .arg(dir.join("boxes.csv"))

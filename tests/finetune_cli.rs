@@ -12,35 +12,6 @@ use serde_json::Value;
 
 const STEPS: usize = 4;
 
-/// `target/<profile>/examples/<name>`, built by `cargo test` alongside the tests (but not by
-/// `cargo test --test finetune_cli`: then build it first, and this checks it is not stale).
-fn example_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    let built = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
-    assert!(
-        built(&bin).is_some_and(|b| built(&source).is_some_and(|s| b >= s)),
-        "{} is missing or older than its source: cargo build --release --example {name}",
-        bin.display()
-    );
-    bin
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("retinanet-finetune-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Three BCCD images with their VOC annotations, side by side in a folder.
 fn bccd_subset() -> PathBuf {
     bccd_subset_in("data")
@@ -49,7 +20,7 @@ fn bccd_subset() -> PathBuf {
 /// As [`bccd_subset`], in a folder of its own (tests run in parallel).
 fn bccd_subset_in(name: &str) -> PathBuf {
     let bccd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/bccd");
-    let dir = tmp(name);
+    let dir = common::scratch_dir("finetune", name);
     for i in 0..3 {
         let stem = format!("BloodImage_0000{i}");
         let jpg = format!("{stem}.jpg");
@@ -66,7 +37,7 @@ fn weights() -> PathBuf {
 
 fn finetune(data: &Path, out: &Path, extra: &[&str]) -> Output {
     let steps = STEPS.to_string();
-    let output = Command::new(example_bin("finetune"))
+    let output = Command::new(common::example_bin("finetune"))
         .arg("--data")
         .arg(data)
         .arg("--val")
@@ -131,7 +102,7 @@ fn losses(records: &[Value]) -> Vec<Value> {
 #[test]
 fn trains_logs_plots_resumes_and_detect_loads_the_result() {
     let data = bccd_subset();
-    let full = tmp("full");
+    let full = common::scratch_dir("finetune", "full");
     check_ok(&finetune(&data, &full, &[]));
 
     // metrics.jsonl: one line per step, then the final validation.
@@ -154,7 +125,7 @@ fn trains_logs_plots_resumes_and_detect_loads_the_result() {
 
     // The final weights load in `detect` unchanged, with the dataset's class names.
     let json = full.join("dets.json");
-    let status = Command::new(example_bin("detect"))
+    let status = Command::new(common::example_bin("detect"))
         .arg("--weights")
         .arg(full.join("final.safetensors"))
         .args([
@@ -180,7 +151,7 @@ fn trains_logs_plots_resumes_and_detect_loads_the_result() {
 
     // Interrupted after 3 steps (inside the second epoch of 2 batches), then resumed: the
     // same weights and losses.
-    let split = tmp("split");
+    let split = common::scratch_dir("finetune", "split");
     check_ok(&finetune(&data, &split, &["--stop-after", "3"]));
     assert!(!split.join("final.safetensors").exists());
     assert_eq!(losses(&records(&split)).len(), 3);
@@ -206,7 +177,7 @@ fn trains_logs_plots_resumes_and_detect_loads_the_result() {
 fn box_loss_flag_is_honoured() {
     let data = bccd_subset_in("box-data");
     let first_box_loss = |extra: &[&str], name: &str| {
-        let out = tmp(name);
+        let out = common::scratch_dir("finetune", name);
         let output = finetune(&data, &out, &[&["--stop-after", "1"], extra].concat());
         check_ok(&output);
         let run: Value =
@@ -223,7 +194,11 @@ fn box_loss_flag_is_honoured() {
     );
     assert!(l1 > 0.0 && smooth > 0.0 && l1 != smooth, "{l1} {smooth}");
 
-    let bad = finetune(&data, &tmp("box-bad"), &["--box-loss", "huber"]);
+    let bad = finetune(
+        &data,
+        &common::scratch_dir("finetune", "box-bad"),
+        &["--box-loss", "huber"],
+    );
     assert!(!bad.status.success());
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(

@@ -14,32 +14,6 @@ use std::time::{Duration, Instant};
 
 const STEPS: &str = "6";
 
-/// `target/<profile>/examples/finetune`, which must be newer than its source.
-fn finetune_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/finetune");
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/finetune.rs");
-    assert!(
-        modified(&bin).is_some_and(|b| modified(&source).is_some_and(|s| b >= s)),
-        "{} is missing or older than its source: cargo build --release --example finetune",
-        bin.display()
-    );
-    bin
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-kill-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Three BCCD images with their VOC annotations, or `None` (and a skip) without the data.
 fn bccd_subset() -> Option<PathBuf> {
     let bccd = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/bccd");
@@ -48,7 +22,7 @@ fn bccd_subset() -> Option<PathBuf> {
         common::skip("kill_and_resume_gives_the_uninterrupted_bytes", &why);
         return None;
     }
-    let dir = tmp("data");
+    let dir = common::scratch_dir("kill", "data");
     for i in 0..3 {
         for (sub, ext) in [("JPEGImages", "jpg"), ("Annotations", "xml")] {
             let name = format!("BloodImage_0000{i}.{ext}");
@@ -61,7 +35,7 @@ fn bccd_subset() -> Option<PathBuf> {
 fn spawn(data: &Path, out: &Path, resume: bool) -> Child {
     let weights = common::fixture_dir("parity", "make_parity_fixtures.py")
         .join("v1_r18_k7/model.safetensors");
-    let mut cmd = Command::new(finetune_bin());
+    let mut cmd = Command::new(common::example_bin("finetune"));
     cmd.arg("--data").arg(data).arg("--weights").arg(weights);
     cmd.args([
         "--steps",
@@ -177,7 +151,7 @@ fn kill_and_resume_gives_the_uninterrupted_bytes() {
         env("RETINANET_KILLS", 6) as usize,
         env("RETINANET_KILL_SEED", 5),
     );
-    let straight = tmp("straight");
+    let straight = common::scratch_dir("kill", "straight");
     let start = Instant::now();
     assert!(wait_at_most(
         &mut spawn(&data, &straight, false),
@@ -189,7 +163,7 @@ fn kill_and_resume_gives_the_uninterrupted_bytes() {
     let mut rng = fastrand::Rng::with_seed(seed);
     let (mut tally, mut runs) = (Tally::default(), 0);
     while tally.kills < kills_wanted {
-        let killed = tmp(&format!("killed-{runs}"));
+        let killed = common::scratch_dir("kill", &format!("killed-{runs}"));
         interrupted_run(&data, &killed, full, &mut rng, &mut tally);
         runs += 1;
         for name in ["final.safetensors", "last.safetensors"] {

@@ -13,23 +13,8 @@ use candle_core::Device;
 use http::Server;
 use retinanet::io::hub::{self, HubOptions, Source};
 use retinanet::{Error, RetinaNet};
-use sha2::{Digest, Sha256};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
-
-fn sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("retinanet-hub-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
 
 fn options(server: &Server, dir: &Path) -> HubOptions {
     HubOptions {
@@ -67,7 +52,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
 fn hub_file_is_downloaded_verified_cached_and_loads() {
     let fixtures = common::fixture_dir("parity", "make_parity_fixtures.py");
     let body = std::fs::read(fixtures.join("v1_r18_k7/model.safetensors")).unwrap();
-    let hash = sha256(&body);
+    let hash = common::sha256_hex(&body);
     let server = Server::start();
     server.serve(
         "/test/tiny-retinanet/resolve/main/model.safetensors",
@@ -75,7 +60,7 @@ fn hub_file_is_downloaded_verified_cached_and_loads() {
         &hash,
         COMMIT,
     );
-    let dir = scratch("ok");
+    let dir = common::scratch_dir("hub", "ok");
     let opts = options(&server, &dir);
     let source = Source::HuggingFace {
         repo: "test/tiny-retinanet",
@@ -132,17 +117,17 @@ fn corrupt_hub_download_is_rejected_and_the_cache_untouched() {
     server.serve(
         "/test/corrupt/resolve/main/model.safetensors",
         bad,
-        &sha256(&good),
+        &common::sha256_hex(&good),
         COMMIT,
     );
     // Intact bytes, but not the pinned file.
     server.serve(
         "/test/pinned/resolve/main/model.safetensors",
         good.clone(),
-        &sha256(&good),
+        &common::sha256_hex(&good),
         COMMIT,
     );
-    let dir = scratch("corrupt");
+    let dir = common::scratch_dir("hub", "corrupt");
     let opts = options(&server, &dir);
 
     let corrupt = Source::HuggingFace {
@@ -184,11 +169,11 @@ fn offline_mode_uses_only_the_cache() {
     server.serve(
         "/test/offline/resolve/main/w.safetensors",
         b"x".to_vec(),
-        &sha256(b"x"),
+        &common::sha256_hex(b"x"),
         COMMIT,
     );
     server.serve("/models/w-2d711642.pth", b"x".to_vec(), "", "");
-    let dir = scratch("offline");
+    let dir = common::scratch_dir("hub", "offline");
     let opts = HubOptions {
         offline: true,
         ..options(&server, &dir)
@@ -224,11 +209,11 @@ fn offline_mode_uses_only_the_cache() {
 fn torchvision_file_is_verified_against_its_name_prefix() {
     let server = Server::start();
     let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let hash = sha256(&body);
+    let hash = common::sha256_hex(&body);
     let good_name = format!("tiny-{}.pth", &hash[..8]);
     server.serve(&format!("/models/{good_name}"), body.clone(), "", "");
     server.serve("/models/tiny-00000000.pth", body.clone(), "", "");
-    let dir = scratch("torchvision");
+    let dir = common::scratch_dir("hub", "torchvision");
     let opts = options(&server, &dir);
 
     let leaked: &'static str = Box::leak(good_name.clone().into_boxed_str());
@@ -274,7 +259,7 @@ fn unreachable_servers_are_named() {
         .local_addr()
         .unwrap()
         .port();
-    let dir = scratch("unreachable");
+    let dir = common::scratch_dir("hub", "unreachable");
     let opts = HubOptions {
         hf_cache: dir.join("hf"),
         hf_endpoint: format!("http://127.0.0.1:{port}"),
@@ -304,7 +289,7 @@ fn unreachable_servers_are_named() {
 #[test]
 fn options_come_from_the_standard_variables() {
     // The only test here that reads the environment; the others pass options explicitly.
-    let dir = scratch("env");
+    let dir = common::scratch_dir("hub", "env");
     std::fs::create_dir_all(dir.join("hfhome")).unwrap();
     std::fs::write(dir.join("hfhome/token"), "hf_secret\n").unwrap();
     let set = |k: &str, v: &str| std::env::set_var(k, v);

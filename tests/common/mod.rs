@@ -1,7 +1,7 @@
 //! Shared helpers of the integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The device the parity tests run on: `$RETINANET_TEST_DEVICE` (`cpu`, the default, or
 /// `cuda`, `cuda:N`, `metal`), as `scripts/gpu-check.sh` runs them on a GPU.
@@ -53,4 +53,42 @@ pub fn skip(test: &str, reason: &str) {
     if let Err(e) = appended {
         eprintln!("cannot record the skip in {}: {e}", path.display());
     }
+}
+
+/// `target/<profile>/examples/<name>`, checked to be newer than its source: `cargo test
+/// --test X` does not build examples.
+pub fn example_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    let built = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/{name}.rs"));
+    assert!(
+        built(&bin).is_some_and(|b| built(&source).is_some_and(|s| b >= s)),
+        "{} is missing or older than its source: cargo build --release --example {name}",
+        bin.display()
+    );
+    bin
+}
+
+/// A fresh, empty folder `retinanet-<tag>-<pid>-<name>` under the system's temporary folder.
+pub fn scratch_dir(tag: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("retinanet-{tag}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Lower-case hex sha256 of `bytes`, as the Hub's ETags give it.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
